@@ -1,0 +1,49 @@
+# psipo developer targets. Everything runs inside .venv, created on first use.
+# On a GPU machine: make install TORCH_SPEC=   (empty: let pip pick the CUDA torch build)
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint format docs check bench assets clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# The CPU torch wheel first: a bare `torch` requirement resolved on its own pulls a multi-GB CUDA build.
+	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/psipo finetune recipes/tiny-ipo.yaml --overwrite
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check psipo_cli tests scripts
+	$(BIN)/ruff format --check psipo_cli tests scripts
+
+format: install
+	$(BIN)/ruff format psipo_cli tests scripts
+	$(BIN)/ruff check --fix psipo_cli tests scripts
+
+docs: install
+	$(BIN)/python scripts/gen_docs.py --write
+
+check: lint
+	$(BIN)/python scripts/gen_docs.py --check
+
+assets: install
+	$(BIN)/python scripts/make_tiny_assets.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

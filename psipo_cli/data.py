@@ -1,0 +1,316 @@
+"""Read preference pairs, check every row, and hand TRL one plain-text format.
+
+Rows come from a local .jsonl/.json/.parquet/.csv file or a hub dataset. Each row is either plain
+(prompt/chosen/rejected strings) or conversational (lists of {role, content} messages, with or without a
+separate prompt column); conversational rows are rendered with the tokenizer's chat template here, so one
+file may mix both and every later step (TRL's tokenisation, prefix sharing) sees one format.
+The output columns are `prompt`, `chosen`, `rejected` and, with soft labels, `p_hat`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+from psipo_cli.config import Columns, DataSection, DataSource
+from psipo_cli.errors import UserError
+from psipo_cli.recipe import looks_local
+
+MAX_LISTED_ROWS = 5  # bad rows named in one error line; the total is always given
+
+
+@dataclass
+class PreferenceData:
+    """Validated pairs plus what happened to the rows on the way."""
+
+    dataset: Dataset
+    source: str
+    rows_read: int
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+
+class _RowErrors:
+    """Collect row problems; fail with the first few row numbers and the total count."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.items: list[str] = []
+
+    def add(self, row: int, problem: str) -> None:
+        self.items.append(f"row {row}: {problem}")
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        shown = "; ".join(self.items[:MAX_LISTED_ROWS])
+        more = f" (first {MAX_LISTED_ROWS} shown)" if len(self.items) > MAX_LISTED_ROWS else ""
+        raise UserError(f"{len(self.items)} bad row(s){more}: {shown}", where=self.where)
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"line {number} is not valid JSON ({err.msg})", where=str(path)) from None
+
+
+def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"not valid JSON (line {err.lineno}: {err.msg})", where=str(path)) from None
+    if not isinstance(data, list):
+        raise UserError("a .json data file must hold a list of rows", where=str(path))
+    yield from enumerate(data, start=1)
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(f"cannot read parquet ({str(err).splitlines()[0]})", where=str(path)) from None
+    yield from enumerate(table.to_pylist(), start=1)
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        # Row numbers count the header as line 1, as a spreadsheet shows them.
+        yield from enumerate(csv.DictReader(handle), start=2)
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
+
+
+def read_rows(source: DataSource) -> tuple[str, Iterable[tuple[int, Any]]]:
+    """(display name, iterator of (row number, row)) for a local file or a hub dataset."""
+    path = Path(source.path)
+    if looks_local(source.path) or path.exists():
+        if not path.exists():
+            raise UserError("data file not found", where=source.path)
+        if path.is_dir():
+            raise UserError("expected a data file, got a directory", where=source.path)
+        reader = READERS.get(path.suffix.lower())
+        if reader is None:
+            raise UserError(f"unsupported data file type; use one of {sorted(READERS)}", where=source.path)
+        return source.path, _decode_errors(reader(path), source.path)
+    return f"{source.path}:{source.split}", enumerate(_load_hub(source), start=1)
+
+
+def _decode_errors(rows: Iterator[tuple[int, Any]], where: str) -> Iterator[tuple[int, Any]]:
+    try:
+        yield from rows
+    except UnicodeDecodeError:
+        raise UserError("not UTF-8 text (binary or corrupt file?)", where=where) from None
+
+
+def _load_hub(source: DataSource) -> Dataset:
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(source.path, source.subset, split=source.split)
+    except Exception as err:  # datasets raises many types (not found, network, bad split); all are user-facing
+        raise UserError(f"cannot load hub dataset ({str(err).splitlines()[0]})", where=source.path) from None
+
+
+def _is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in value)
+    )
+
+
+def _field_problem(value: Any, name: str) -> str | None:
+    if value is None:
+        return f"'{name}' is null"
+    if isinstance(value, str):
+        return f"'{name}' is empty" if not value.strip() else None
+    if _is_messages(value):
+        return None
+    return f"'{name}' must be text or a list of {{role, content}} messages, got {type(value).__name__}"
+
+
+def _soft_label(row: dict[str, Any], columns: Columns) -> tuple[float | None, str | None]:
+    """(p̂, problem) from the label column or the vote columns."""
+    if columns.label is not None:
+        value = row.get(columns.label)
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return None, f"label '{columns.label}' must be a number in [0, 1], got {value!r}"
+        try:
+            p_hat = float(value)
+        except ValueError:
+            return None, f"label '{columns.label}' must be a number in [0, 1], got {value!r}"
+        if math.isnan(p_hat) or not 0.0 <= p_hat <= 1.0:
+            return None, f"label '{columns.label}' must be in [0, 1], got {value!r}"
+        return p_hat, None
+    if columns.votes_chosen is not None and columns.votes_total is not None:
+        chosen, total = row.get(columns.votes_chosen), row.get(columns.votes_total)
+        try:
+            chosen_n, total_n = int(chosen), int(total)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return None, f"votes must be whole numbers, got {chosen!r}/{total!r}"
+        if total_n <= 0 or not 0 <= chosen_n <= total_n:
+            return None, f"votes must satisfy 0 <= chosen <= total and total > 0, got {chosen_n}/{total_n}"
+        return chosen_n / total_n, None
+    if columns.score_chosen is not None and columns.score_rejected is not None:
+        # Bradley–Terry on ratings (the paper's eq. 4 assumption, made explicit): p̂ = σ(Δs / scale).
+        chosen, rejected = row.get(columns.score_chosen), row.get(columns.score_rejected)
+        try:
+            delta = (float(chosen) - float(rejected)) / columns.score_scale  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return None, f"scores must be numbers, got {chosen!r}/{rejected!r}"
+        if math.isnan(delta):
+            return None, f"scores must be numbers, got {chosen!r}/{rejected!r}"
+        return 1.0 / (1.0 + math.exp(-max(min(delta, 50.0), -50.0))), None
+    return None, None
+
+
+class ChatRenderer:
+    """Render conversational rows to text with the tokenizer's chat template, checking the prompt is a prefix."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        # If the tokenizer adds BOS itself, a BOS written by the template would be doubled: strip it.
+        bos = tokenizer.bos_token
+        adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+        self.strip = bos if adds_bos else None
+
+    def __call__(self, prompt: Any, response: Any) -> tuple[str, str]:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("conversational rows need a tokenizer with a chat template")
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(response, str):
+            response = [{"role": "assistant", "content": response}]
+        head = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        full = self.tokenizer.apply_chat_template(prompt + response, tokenize=False)
+        if not full.startswith(head):
+            raise ValueError("the chat template does not render the prompt as a prefix of prompt+response")
+        if self.strip and head.startswith(self.strip):
+            head, full = head[len(self.strip) :], full[len(self.strip) :]
+        return head, full[len(head) :]
+
+
+def _whole_conversations(chosen: Any, rejected: Any) -> bool:
+    """chosen and rejected are full conversations sharing their leading (prompt) messages."""
+    return (
+        _is_messages(chosen)
+        and _is_messages(rejected)
+        and len(chosen) > 1
+        and len(rejected) > 1
+        and chosen[0] == rejected[0]
+    )
+
+
+def _split_implicit_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Whole conversations in chosen/rejected: the shared leading messages are the prompt."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _normalise_row(row: Any, columns: Columns, render: ChatRenderer) -> tuple[dict[str, Any] | None, str | None]:
+    """(plain-text row, problem)."""
+    if not isinstance(row, dict):
+        return None, f"expected an object with columns, got {type(row).__name__}"
+    prompt, chosen, rejected = row.get(columns.prompt), row.get(columns.chosen), row.get(columns.rejected)
+    for name, value in ((columns.chosen, chosen), (columns.rejected, rejected)):
+        if (problem := _field_problem(value, name)) is not None:
+            return None, problem
+    if _whole_conversations(chosen, rejected):
+        # e.g. UltraFeedback: chosen/rejected hold the user turn too; a prompt column, if any, repeats it.
+        prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
+    elif (problem := _field_problem(prompt, columns.prompt)) is not None:
+        return None, problem
+    p_hat, problem = _soft_label(row, columns)
+    if problem is not None:
+        return None, problem
+    try:
+        if any(not isinstance(v, str) for v in (prompt, chosen, rejected)):
+            prompt_text, chosen = render(prompt, chosen)
+            _, rejected = render(prompt, rejected)
+            prompt = prompt_text
+    except ValueError as err:
+        return None, str(err)
+    if chosen == rejected:
+        return None, "chosen and rejected are identical"
+    out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if columns.has_labels:
+        out["p_hat"] = p_hat
+    return out, None
+
+
+def _check_columns(first: Any, columns: Columns, where: str) -> None:
+    if not isinstance(first, dict):
+        return
+    needed = [columns.chosen, columns.rejected]
+    if columns.prompt in first or not _is_messages(first.get(columns.chosen)):
+        needed.insert(0, columns.prompt)  # the prompt may only be implicit in whole conversations
+    needed += columns.label_columns
+    missing = [c for c in needed if c not in first]
+    if missing:
+        raise UserError(
+            f"missing column(s) {missing}; the data has {sorted(first)} (map them under data.columns)",
+            where=where,
+        )
+
+
+def load_pairs(source: DataSource, data: DataSection, tokenizer: Any, split_name: str) -> PreferenceData:
+    """Read, validate and normalise one split; fail on bad rows, drop over-long prompts per `data.too_long`."""
+    name, rows = read_rows(source)
+    where = f"data.{split_name} ({name})"
+    errors = _RowErrors(where)
+    render = ChatRenderer(tokenizer)
+    good: list[dict[str, Any]] = []
+    count = 0
+    for number, row in rows:
+        if count == 0:
+            _check_columns(row, data.columns, where)
+        count += 1
+        normalised, problem = _normalise_row(row, data.columns, render)
+        if problem is not None:
+            errors.add(number, problem)
+        else:
+            good.append(normalised)  # type: ignore[arg-type]
+    if count == 0:
+        raise UserError("no rows", where=where)
+    errors.raise_if_any()
+    good, dropped = _drop_long_prompts(good, data, tokenizer, where)
+    if not good:
+        raise UserError(f"no usable pairs left ({dropped})", where=where)
+    return PreferenceData(Dataset.from_list(good), name, count, dropped)
+
+
+def _drop_long_prompts(
+    rows: list[dict[str, Any]], data: DataSection, tokenizer: Any, where: str
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """A prompt of max_length tokens or more leaves no response token after truncation: drop or fail."""
+    lengths = [len(ids) for ids in tokenizer([r["prompt"] for r in rows], add_special_tokens=True)["input_ids"]]
+    too_long = [i for i, n in enumerate(lengths) if n >= data.max_length]
+    if not too_long:
+        return rows, {}
+    if data.too_long == "error":
+        shown = ", ".join(str(i + 1) for i in too_long[:MAX_LISTED_ROWS])
+        raise UserError(
+            f"{len(too_long)} prompt(s) fill data.max_length={data.max_length} tokens (pairs {shown}); raise "
+            "max_length or set data.too_long: drop",
+            where=where,
+        )
+    keep = set(range(len(rows))) - set(too_long)
+    reason = f"prompt >= max_length ({data.max_length} tokens)"
+    return [rows[i] for i in sorted(keep)], {reason: len(too_long)}

@@ -1,0 +1,146 @@
+"""`run(recipe)`: load, validate, train, save. Everything a user can get wrong is checked before the
+run directory is created, so a failed start leaves nothing behind."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import DPOConfig
+
+from psipo_cli.config import Recipe
+from psipo_cli.data import PreferenceData, load_pairs
+from psipo_cli.forward import ConcatenatedForward
+from psipo_cli.modeling import attach_adapter, describe_reference, load_base_model, load_tokenizer
+from psipo_cli.rundir import (
+    MetricsFile,
+    check_output_dir,
+    create_run_dir,
+    library_versions,
+    read_metrics,
+    write_recipe,
+    write_summary,
+)
+from psipo_cli.trainer import PsipoTrainer
+
+
+@dataclass
+class Prepared:
+    """Everything validated and loaded, nothing written yet."""
+
+    recipe: Recipe
+    tokenizer: Any
+    train: PreferenceData
+    eval: PreferenceData | None
+
+
+def prepare(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Prepared:
+    """All user-facing checks that need no model weights: output dir, tokenizer, data."""
+    check_output_dir(Path(recipe.output.dir), overwrite, resume)
+    tokenizer = load_tokenizer(recipe.model)
+    train = load_pairs(recipe.data.train, recipe.data, tokenizer, "train")
+    evaluation = load_pairs(recipe.data.eval, recipe.data, tokenizer, "eval") if recipe.data.eval else None
+    return Prepared(recipe, tokenizer, train, evaluation)
+
+
+def dpo_config(recipe: Recipe, has_eval: bool) -> DPOConfig:
+    """TRL's config from the recipe: training.* by name, the rest mapped explicitly."""
+    training = recipe.training.model_dump(exclude={"eval_steps"})
+    return DPOConfig(
+        output_dir=recipe.output.dir,
+        report_to=[r for r in recipe.output.report_to if r != "none"] or "none",
+        max_length=recipe.data.max_length,
+        truncation_mode="keep_start",
+        precompute_ref_log_probs=recipe.objective.precompute_ref_log_probs,
+        beta=recipe.objective.tau,  # unused by psipo's loss; kept so TRL's model card states τ
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=recipe.training.eval_steps or recipe.training.logging_steps,
+        save_strategy="steps",
+        disable_dropout=True,
+        use_cpu=not torch.cuda.is_available(),
+        **training,
+    )
+
+
+def build_trainer(prepared: Prepared) -> PsipoTrainer:
+    recipe, tokenizer = prepared.recipe, prepared.tokenizer
+    model, peft_config = attach_adapter(load_base_model(recipe), recipe.adapter)
+    forward = ConcatenatedForward()
+    return PsipoTrainer(
+        model=model,
+        args=dpo_config(recipe, prepared.eval is not None),
+        data_collator=forward.collator(tokenizer.pad_token_id, recipe.data.max_length),
+        train_dataset=prepared.train.dataset,
+        eval_dataset=prepared.eval.dataset if prepared.eval else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        objective=recipe.objective,
+        forward_step=forward,
+    )
+
+
+def save_adapter(trainer: PsipoTrainer, run_dir: Path) -> None:
+    """Save only the trained adapter (not TRL's frozen "ref" copy) and the tokenizer."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+    trainer.save_model(str(run_dir))
+
+
+def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, on_start: Any = None) -> dict[str, Any]:
+    """Train `recipe` into its run directory and return the summary written to summary.json."""
+    prepared = prepare(recipe, overwrite, resume)
+    run_dir = Path(recipe.output.dir)
+    existed = run_dir.exists()
+    trainer = build_trainer(prepared)
+    try:
+        if not resume:
+            create_run_dir(run_dir, overwrite)
+        write_recipe(run_dir, recipe)
+        if on_start is not None:
+            on_start(trainer, prepared)
+        trainer.add_callback(MetricsFile(run_dir))
+        started = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        runtime = time.perf_counter() - started
+    except BaseException:
+        if not existed and trainer.state.global_step == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run
+        raise
+    final_eval = trainer.evaluate() if prepared.eval is not None else {}
+    save_adapter(trainer, run_dir)
+    summary = summarize(trainer, prepared, result.metrics, final_eval, runtime)
+    if trainer.is_world_process_zero():
+        write_summary(run_dir, summary)
+    return summary
+
+
+def summarize(
+    trainer: PsipoTrainer, prepared: Prepared, train_metrics: dict, final_eval: dict, runtime: float
+) -> dict[str, Any]:
+    run_dir = Path(prepared.recipe.output.dir)
+    train_logs = [m for m in read_metrics(run_dir) if m["split"] == "train"]
+    last = train_logs[-1] if train_logs else {}
+    objective = prepared.recipe.objective
+    return {
+        "run_dir": str(run_dir),
+        "objective": {
+            "loss": objective.loss,
+            "tau": objective.tau,
+            "psi": objective.psi,
+            "logps": objective.logps,
+        },
+        "reference": describe_reference(prepared.recipe),
+        "steps": trainer.state.global_step,
+        "runtime_s": round(runtime, 2),
+        "train_pairs": len(prepared.train.dataset),
+        "dropped_pairs": prepared.train.dropped,
+        "final_train": {k: v for k, v in last.items() if k not in ("split",)},
+        "final_eval": {k.removeprefix("eval_"): v for k, v in final_eval.items()},
+        "train_loss_mean": train_metrics.get("train_loss"),
+        "versions": library_versions(),
+    }

@@ -1,0 +1,112 @@
+"""Load the tokenizer, the base model (optionally 4/8-bit through bitsandbytes) and the LoRA adapter.
+
+The reference policy is never a second copy of the weights: it is this same model with the adapter
+disabled, or, when training starts from an existing adapter, a frozen copy of that adapter (TRL names it
+"ref"), so the reference is the model you started from rather than the bare base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+
+from psipo_cli.config import AdapterSection, ModelSection, Recipe
+from psipo_cli.errors import UserError
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _hub_kwargs(model: ModelSection) -> dict[str, Any]:
+    # The hub token is never put here: huggingface_hub reads HF_TOKEN or the login cache itself.
+    return {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
+
+
+def load_tokenizer(model: ModelSection) -> Any:
+    """The base model's tokenizer, with a pad token (EOS if it has none, as TRL does)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, **_hub_kwargs(model))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load tokenizer ({_first_line(err)})", where="model.name_or_path") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(model: ModelSection) -> BitsAndBytesConfig | None:
+    if model.quantization == "none":
+        return None
+    if model.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if model.dtype in ("auto", "bfloat16") else DTYPES[model.dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model.quant_type,
+        bnb_4bit_use_double_quant=model.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        # ZeRO-3 shards parameters by dtype: packed 4-bit weights must be stored in the compute dtype to shard.
+        bnb_4bit_quant_storage=compute,
+    )
+
+
+def load_base_model(recipe: Recipe) -> PreTrainedModel:
+    """The base causal LM as the recipe describes it, prepared for k-bit training when quantised."""
+    spec = recipe.model
+    kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype], **_hub_kwargs(spec)}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if (quant := quantization_config(spec)) is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
+    except ImportError as err:
+        raise UserError(f"missing package for this model ({_first_line(err)})", where="model.quantization") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load model ({_first_line(err)})", where="model.name_or_path") from None
+    if quant is not None:
+        # Casts norms to fp32 and enables input gradients; the Trainer sets the checkpointing variant later.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.training.gradient_checkpointing
+        )
+    return model
+
+
+def lora_config(adapter: AdapterSection) -> LoraConfig:
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_adapter(model: PreTrainedModel, adapter: AdapterSection) -> tuple[Any, LoraConfig | None]:
+    """(model, peft_config for TRL). A starting adapter is loaded trainable here; a new one is made by TRL."""
+    if adapter.init_from is None:
+        return model, lora_config(adapter)
+    path = Path(adapter.init_from)
+    if not (path / "adapter_config.json").is_file():
+        raise UserError("no adapter_config.json there; expected a saved LoRA adapter", where="adapter.init_from")
+    try:
+        return PeftModel.from_pretrained(model, str(path), is_trainable=True), None
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot load adapter ({_first_line(err)})", where="adapter.init_from") from None
+
+
+def describe_reference(recipe: Recipe) -> str:
+    """One line saying which policy the margins are measured against."""
+    if recipe.adapter.init_from:
+        ref = f"frozen copy of the starting adapter {recipe.adapter.init_from}"
+    else:
+        ref = f"base model {recipe.model.name_or_path} with the adapter disabled"
+    when = "precomputed once before training" if recipe.objective.precompute_ref_log_probs else "computed every step"
+    return f"{ref} ({when})"

@@ -1,0 +1,109 @@
+"""The run directory: what a run leaves behind, and the rules for never clobbering one.
+
+Layout: `recipe.yaml` (resolved), `metrics.jsonl` (one object per log/eval step), the adapter
+(`adapter_model.safetensors`, `adapter_config.json`) with the tokenizer, `summary.json`, and TRL's
+`checkpoint-N/` folders. Files are written to a temporary name and renamed, so none is ever half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from psipo_cli.config import Recipe
+from psipo_cli.errors import UserError
+from psipo_cli.recipe import dump_recipe
+
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+LIBRARIES = (
+    "psipo",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "bitsandbytes",
+    "deepspeed",
+)
+
+
+def check_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
+    """Fail before any work if the run directory is unusable or holds a run we were not told to replace."""
+    where = "output.dir"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} exists and is a file", where=where)
+    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+        raise UserError(
+            f"{path} already holds a run; pass --overwrite to replace it or --resume to continue", where=where
+        )
+    if overwrite and path.is_dir() and any(path.iterdir()) and not (path / RECIPE_FILE).exists():
+        raise UserError(f"{path} is not empty and is not a psipo run; refusing to delete it", where=where)
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{parent} is not writable", where=where)
+
+
+def create_run_dir(path: Path, overwrite: bool) -> None:
+    if overwrite and path.is_dir():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_recipe(run_dir: Path, recipe: Recipe) -> None:
+    write_atomic(run_dir / RECIPE_FILE, dump_recipe(recipe))
+
+
+def library_versions() -> dict[str, str]:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=False) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# Trainer's closing log line (train_runtime, train_loss, ...) is a summary, not a step: it goes to summary.json.
+_END_OF_TRAINING_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"}
+
+
+class MetricsFile(TrainerCallback):
+    """Append one JSON object per logging or evaluation step to metrics.jsonl (main process only)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / METRICS_FILE
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs or _END_OF_TRAINING_KEYS & logs.keys():
+            return
+        split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        record: dict[str, Any] = {"step": state.global_step, "split": split}
+        record.update({key.removeprefix("eval_"): value for key, value in logs.items()})
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")

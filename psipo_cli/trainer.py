@@ -1,0 +1,138 @@
+"""`PsipoTrainer`: TRL's DPOTrainer with psipo's objectives, through public hooks only.
+
+TRL keeps data preparation, the collator contract, reference precomputation, DeepSpeed/FSDP handling and
+the training loop. psipo replaces `compute_loss` (the loss step), `compute_ref_log_probs` (the reference
+pass, also used by TRL's precompute), `prediction_step` and `log` (metrics). The loss math lives in
+`psipo_cli.objectives`; the batch layout in a `ForwardStep`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from trl import DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from psipo_cli.config import ObjectiveSection
+from psipo_cli.forward import ConcatenatedForward, ForwardStep, PairLogps
+from psipo_cli.objectives import margin, pair_losses, sequence_logps
+
+
+class PsipoTrainer(DPOTrainer):
+    """DPO, IPO or ΨPO on LoRA/QLoRA policies, chosen by `objective.loss`."""
+
+    _tag_names: ClassVar[list[str]] = ["trl", "dpo", "psipo"]
+
+    def __init__(self, *args: Any, objective: ObjectiveSection, forward_step: ForwardStep | None = None, **kwargs: Any):
+        # Set before DPOTrainer.__init__: its reference precompute already calls compute_ref_log_probs.
+        self.objective = objective
+        self.forward_step = forward_step or ConcatenatedForward()
+        self._tokens_since_log = 0
+        self._last_log_time: float | None = None
+        super().__init__(*args, **kwargs)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if "p_hat" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "p_hat"]
+
+    def _reference_context(self) -> contextlib.AbstractContextManager:
+        """Disable the adapter (or switch to the frozen "ref" copy of a starting adapter) for the reference pass."""
+        if self.ref_model is not None:
+            return contextlib.nullcontext()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+
+    def compute_ref_log_probs(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Summed reference log-probs (B,), (B,) of chosen and rejected."""
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._reference_context(),
+            self.accelerator.autocast(),
+        ):
+            ref = self.forward_step(self.ref_model or model, inputs)
+        return ref.chosen, ref.rejected
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        policy = self.forward_step(model, inputs)
+        if "ref_chosen_logps" in inputs:  # precomputed once by TRL through compute_ref_log_probs
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
+        logps = self._aggregate(policy, ref_chosen, ref_rejected)
+        h = margin(*logps)  # (B,)
+        losses, target = pair_losses(
+            self.objective.loss,
+            h,
+            self.objective.tau,
+            p_hat=inputs.get("p_hat"),
+            psi=self.objective.psi,
+            label_eps=self.objective.label_eps,
+        )
+        loss = losses.mean()
+        self._record(h, target, logps, inputs)
+        return (loss, {"margin": h.detach()}) if return_outputs else loss
+
+    def _aggregate(self, policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor) -> tuple[Tensor, ...]:
+        """(π_c, π_r, ref_c, ref_r) as sum or token mean, in fp32 so the squared losses keep their precision."""
+        how = self.objective.logps
+        n_c, n_r = policy.chosen_tokens, policy.rejected_tokens
+        return (
+            sequence_logps(policy.chosen.float(), n_c, how),
+            sequence_logps(policy.rejected.float(), n_r, how),
+            sequence_logps(ref_chosen.float().to(n_c.device), n_c, how),
+            sequence_logps(ref_rejected.float().to(n_r.device), n_r, how),
+        )
+
+    def _record(self, h: Tensor, target: Tensor | None, logps: tuple[Tensor, ...], inputs: dict[str, Tensor]) -> None:
+        """Append this batch's metrics (averaged over all processes) for the next `log`."""
+        mode = "train" if self.model.training else "eval"
+        pi_c, pi_r, ref_c, ref_r = (x.detach() for x in logps)
+        values = {
+            "margin": h.detach(),
+            "reward_accuracy": (h.detach() > 0).float(),
+            "logps_chosen": pi_c,
+            "logps_rejected": pi_r,
+            "logratio_chosen": pi_c - ref_c,  # drift from the reference, a KL proxy
+            "logratio_rejected": pi_r - ref_r,
+        }
+        if target is not None:
+            values["target"] = target.detach()
+        for key, value in values.items():
+            self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).float().mean().item())
+        if mode == "train":
+            tokens = self.accelerator.gather_for_metrics(self.forward_step.count_tokens(inputs).reshape(1))
+            self._tokens_since_log += int(tokens.sum().item())
+            if self._last_log_time is None:
+                self._last_log_time = time.perf_counter()
+
+    def prediction_step(
+        self,
+        model: Any,
+        inputs: dict[str, Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        now = time.perf_counter()
+        if self.model.training and self._last_log_time is not None and self._tokens_since_log:
+            logs["tokens_per_s"] = self._tokens_since_log / max(now - self._last_log_time, 1e-9)
+            self._tokens_since_log, self._last_log_time = 0, now
+        super().log(logs, start_time)

@@ -1,0 +1,105 @@
+"""Shared fixtures: the repo's tiny model and data, a recipe factory, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+# No test may reach a hub: everything is local, shipped or generated.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = REPO / "assets" / "tiny-llama"
+TINY_DATA = REPO / "data" / "tiny-prefs"
+RECIPES = REPO / "recipes"
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """Run `psipo ARGS...` in-process through the real entry point (error handler included)."""
+    from psipo_cli.cli import main
+
+    def run(*args: str) -> CliResult:
+        import sys
+
+        argv, sys.argv = sys.argv, ["psipo", *map(str, args)]
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        finally:
+            sys.argv = argv
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def tiny_recipe(output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The demo recipe as a dict, with absolute paths, a tmp output dir and the given sections merged in."""
+    from psipo_cli.recipe import deep_merge
+
+    base = {
+        "model": {"name_or_path": str(TINY_MODEL), "dtype": "float32"},
+        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": str(TINY_DATA / "train.jsonl"), "max_length": 64},
+        "objective": {"loss": "ipo", "tau": 0.5},
+        "training": {
+            "learning_rate": 5e-3,
+            "max_steps": 4,
+            "per_device_train_batch_size": 8,
+            "logging_steps": 1,
+            "save_steps": 1000,
+            "lr_scheduler_type": "constant",
+            "seed": 0,
+        },
+        "output": {"dir": str(output_dir)},
+    }
+    return deep_merge(base, sections)
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path) -> Callable[..., Path]:
+    """Write a tiny recipe (sections merged over the demo's) to tmp and return its path."""
+
+    def write(name: str = "recipe.yaml", **sections: dict[str, Any]) -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "run", **sections)), encoding="utf-8")
+        return path
+
+    return write
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def assert_clean_error(result: CliResult, *fragments: str) -> None:
+    """Exit code 2, one line on stderr naming the problem, no traceback."""
+    assert result.code == 2, (result.code, result.err)
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
