@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,10 @@ import yaml
 from rich.console import Console
 
 from psipo_cli.errors import EXIT_USER_ERROR, UserError
+
+# bitsandbytes tries to fetch an optional CPU kernel from the hub on import and warns when it can't; it falls back
+# to its built-in kernel, so the warning is noise (and the fetch can never work offline).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)

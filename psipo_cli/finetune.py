@@ -66,9 +66,12 @@ def dpo_config(recipe: Recipe, has_eval: bool) -> DPOConfig:
     )
 
 
-def build_trainer(prepared: Prepared) -> PsipoTrainer:
+def build_trainer(prepared: Prepared, model: Any = None) -> PsipoTrainer:
+    """The trainer for a prepared run; `model` (e.g. a reloaded PeftModel) replaces loading the recipe's."""
     recipe, tokenizer = prepared.recipe, prepared.tokenizer
-    model, peft_config = attach_adapter(load_base_model(recipe), recipe.adapter)
+    peft_config = None
+    if model is None:
+        model, peft_config = attach_adapter(load_base_model(recipe), recipe.adapter)
     forward = ConcatenatedForward()
     return PsipoTrainer(
         model=model,
@@ -111,20 +114,26 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, on_start:
         if not existed and trainer.state.global_step == 0:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run
         raise
-    final_eval = trainer.evaluate() if prepared.eval is not None else {}
+    if prepared.eval is not None and _last_eval_step(run_dir) != trainer.state.global_step:
+        trainer.evaluate()  # logged to metrics.jsonl like the periodic evaluations
     save_adapter(trainer, run_dir)
-    summary = summarize(trainer, prepared, result.metrics, final_eval, runtime)
+    summary = summarize(trainer, prepared, result.metrics, runtime)
     if trainer.is_world_process_zero():
         write_summary(run_dir, summary)
     return summary
 
 
-def summarize(
-    trainer: PsipoTrainer, prepared: Prepared, train_metrics: dict, final_eval: dict, runtime: float
-) -> dict[str, Any]:
+def _last(run_dir: Path, split: str) -> dict[str, Any]:
+    logs = [m for m in read_metrics(run_dir) if m["split"] == split]
+    return {k: v for k, v in logs[-1].items() if k != "split"} if logs else {}
+
+
+def _last_eval_step(run_dir: Path) -> int | None:
+    return _last(run_dir, "eval").get("step")
+
+
+def summarize(trainer: PsipoTrainer, prepared: Prepared, train_metrics: dict, runtime: float) -> dict[str, Any]:
     run_dir = Path(prepared.recipe.output.dir)
-    train_logs = [m for m in read_metrics(run_dir) if m["split"] == "train"]
-    last = train_logs[-1] if train_logs else {}
     objective = prepared.recipe.objective
     return {
         "run_dir": str(run_dir),
@@ -139,8 +148,8 @@ def summarize(
         "runtime_s": round(runtime, 2),
         "train_pairs": len(prepared.train.dataset),
         "dropped_pairs": prepared.train.dropped,
-        "final_train": {k: v for k, v in last.items() if k not in ("split",)},
-        "final_eval": {k.removeprefix("eval_"): v for k, v in final_eval.items()},
+        "final_train": _last(run_dir, "train"),
+        "final_eval": _last(run_dir, "eval"),
         "train_loss_mean": train_metrics.get("train_loss"),
         "versions": library_versions(),
     }

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from psipo_cli.config import AdapterSection, ModelSection, Recipe
 from psipo_cli.errors import UserError
+from psipo_cli.recipe import looks_local
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,6 +33,8 @@ def _hub_kwargs(model: ModelSection) -> dict[str, Any]:
 
 def load_tokenizer(model: ModelSection) -> Any:
     """The base model's tokenizer, with a pad token (EOS if it has none, as TRL does)."""
+    if looks_local(model.name_or_path) and not Path(model.name_or_path).is_dir():
+        raise UserError(f"model directory {model.name_or_path} not found", where="model.name_or_path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, **_hub_kwargs(model))
     except (OSError, ValueError) as err:

@@ -157,3 +157,13 @@ def test_recipes_command_lists_every_shipped_recipe_with_a_description(cli) -> N
     for path in RECIPES.glob("*.yaml"):
         line = next(line for line in result.out.splitlines() if path.name in line)
         assert len(line.split(path.name, 1)[1].strip()) > 10, line
+
+
+def test_readme_key_table_matches_the_schema() -> None:
+    import sys
+
+    sys.path.insert(0, str(RECIPES.parent / "scripts"))
+    import gen_docs
+
+    readme = (RECIPES.parent / "README.md").read_text(encoding="utf-8")
+    assert gen_docs.render(readme) == readme, "README's recipe key table is stale: run `make docs`"
