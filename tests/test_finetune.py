@@ -88,7 +88,7 @@ def test_dpo_margin_keeps_growing_past_the_ipo_target(dpo_run) -> None:
 
 
 def test_run_directory_holds_recipe_metrics_adapter_and_summary(ipo_run) -> None:
-    summary, run_dir = ipo_run
+    _, run_dir = ipo_run
     for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "adapter_model.safetensors", "adapter_config.json"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "tokenizer_config.json").is_file()
