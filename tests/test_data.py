@@ -167,3 +167,16 @@ def test_recipe_data_paths_are_relative_to_the_recipe(tmp_path: Path) -> None:
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "x.yaml").write_text("model: {name_or_path: m}\ndata: {train: d.jsonl}\noutput: {dir: o}\n")
     assert load_recipe(tmp_path / "r" / "x.yaml").data.train.path == str(tmp_path / "r" / "d.jsonl")
+
+
+def test_real_process_entry_point_prints_one_line_and_exits_2(write_recipe, tmp_path) -> None:
+    """`python -m psipo_cli` in a fresh interpreter: import-time library noise would show up here."""
+    import subprocess
+    import sys
+
+    recipe = write_recipe(data={"train": str(tmp_path / "nope.jsonl")})
+    done = subprocess.run(
+        [sys.executable, "-m", "psipo_cli", "finetune", str(recipe)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.jsonl'}: data file not found"]
