@@ -128,9 +128,10 @@ class DataSection(Section):
 
 
 class ObjectiveSection(Section):
-    loss: Literal["dpo", "ipo", "psipo"] = Field(
+    loss: Literal["dpo", "ipo", "psipo", "reward"] = Field(
         "ipo",
-        description="dpo: −log σ(τh) (eq. 9); ipo: (h − 1/(2τ))² (eq. 28); psipo: regress h to (Ψ(p̂)−Ψ(1−p̂))/(2τ).",
+        description="dpo: −log σ(τh) (eq. 9); ipo: (h − 1/(2τ))² (eq. 28); psipo: regress h to (Ψ(p̂)−Ψ(1−p̂))/(2τ); "
+        "reward: a Bradley–Terry reward model, −log σ(r_w − r_l) (eq. 5), for `psipo label`.",
     )
     tau: float = Field(0.1, gt=0, description="Regularisation strength τ (DPO's β). Smaller τ allows larger margins.")
     psi: str = Field("identity", description="Ψ for psipo: a registered name (identity, logit).")
@@ -158,7 +159,7 @@ class ObjectiveSection(Section):
     @model_validator(mode="after")
     def _default_aggregation(self) -> ObjectiveSection:
         # Resolve the default here so the run's recipe.yaml records what was actually used.
-        if self.logps is None:
+        if self.logps is None and self.loss in DEFAULT_AGGREGATION:  # a reward model scores whole sequences
             self.logps = DEFAULT_AGGREGATION[self.loss]
         return self
 
@@ -229,6 +230,8 @@ class Recipe(Section):
                 "objective.loss: ipo uses hard labels and would ignore data.columns' soft labels; "
                 "use psipo (identity Ψ is IPO with soft labels)"
             )
+        if self.objective.loss == "reward" and self.objective.precompute_ref_log_probs:
+            raise ValueError("objective.precompute_ref_log_probs: a reward model has no reference policy")
         if self.objective.loss == "psipo" and self.objective.psi != "identity" and not labels:
             # Proposition 3 (unbiased averaging of hard labels) holds for the identity only.
             raise ValueError(

@@ -270,30 +270,42 @@ def _check_columns(first: Any, columns: Columns, where: str) -> None:
         )
 
 
-def load_pairs(source: DataSource, data: DataSection, tokenizer: Any, split_name: str) -> PreferenceData:
-    """Read, validate and normalise one split; fail on bad rows, drop over-long prompts per `data.too_long`."""
+def validated_rows(
+    source: DataSource, columns: Columns, tokenizer: Any, key: str
+) -> tuple[str, list[tuple[Any, dict]]]:
+    """(where, [(original row, normalised plain-text row)]) for `source`; fails on any bad row or no rows.
+
+    `key` names the source in messages (e.g. 'data.train'); `where` adds the file or hub id to it.
+    """
     name, rows = read_rows(source)
-    where = f"data.{split_name} ({name})"
+    where = f"{key} ({name})"
     errors = _RowErrors(where)
     render = ChatRenderer(tokenizer)
-    good: list[dict[str, Any]] = []
+    good: list[tuple[Any, dict]] = []
     count = 0
     for number, row in rows:
         if count == 0:
-            _check_columns(row, data.columns, where)
+            _check_columns(row, columns, where)
         count += 1
-        normalised, problem = _normalise_row(row, data.columns, render)
+        normalised, problem = _normalise_row(row, columns, render)
         if problem is not None:
             errors.add(number, problem)
         else:
-            good.append(normalised)  # type: ignore[arg-type]
+            good.append((row, normalised))  # type: ignore[arg-type]
     if count == 0:
         raise UserError("no rows", where=where)
     errors.raise_if_any()
-    good, dropped = _drop_long_prompts(good, data, tokenizer, where)
+    return where, good
+
+
+def load_pairs(source: DataSource, data: DataSection, tokenizer: Any, split_name: str) -> PreferenceData:
+    """Read, validate and normalise one split; fail on bad rows, drop over-long prompts per `data.too_long`."""
+    where, pairs = validated_rows(source, data.columns, tokenizer, f"data.{split_name}")
+    rows = [normalised for _, normalised in pairs]
+    good, dropped = _drop_long_prompts(rows, data, tokenizer, where)
     if not good:
         raise UserError(f"no usable pairs left ({dropped})", where=where)
-    return PreferenceData(Dataset.from_list(good), name, count, dropped)
+    return PreferenceData(Dataset.from_list(good), where, len(rows), dropped)
 
 
 def _drop_long_prompts(

@@ -16,6 +16,7 @@ from psipo_cli.config import Recipe
 from psipo_cli.data import PreferenceData, load_pairs
 from psipo_cli.forward import ConcatenatedForward
 from psipo_cli.modeling import attach_adapter, describe_reference, load_base_model, load_tokenizer
+from psipo_cli.reward import build_reward_trainer
 from psipo_cli.rundir import (
     MetricsFile,
     check_output_dir,
@@ -66,9 +67,12 @@ def dpo_config(recipe: Recipe, has_eval: bool) -> DPOConfig:
     )
 
 
-def build_trainer(prepared: Prepared, model: Any = None) -> PsipoTrainer:
+def build_trainer(prepared: Prepared, model: Any = None) -> Any:
     """The trainer for a prepared run; `model` (e.g. a reloaded PeftModel) replaces loading the recipe's."""
     recipe, tokenizer = prepared.recipe, prepared.tokenizer
+    if recipe.objective.loss == "reward":
+        evaluation = prepared.eval.dataset if prepared.eval else None
+        return build_reward_trainer(recipe, tokenizer, prepared.train.dataset, evaluation, model)
     peft_config = None
     if model is None:
         model, peft_config = attach_adapter(load_base_model(recipe), recipe.adapter)
@@ -86,7 +90,7 @@ def build_trainer(prepared: Prepared, model: Any = None) -> PsipoTrainer:
     )
 
 
-def save_adapter(trainer: PsipoTrainer, run_dir: Path) -> None:
+def save_adapter(trainer: Any, run_dir: Path) -> None:
     """Save only the trained adapter (not TRL's frozen "ref" copy) and the tokenizer."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if "ref" in getattr(model, "peft_config", {}):

@@ -60,16 +60,17 @@ def quantization_config(model: ModelSection) -> BitsAndBytesConfig | None:
     )
 
 
-def load_base_model(recipe: Recipe) -> PreTrainedModel:
-    """The base causal LM as the recipe describes it, prepared for k-bit training when quantised."""
+def load_base_model(recipe: Recipe, auto_class: Any = AutoModelForCausalLM, **extra: Any) -> PreTrainedModel:
+    """The base model as the recipe describes it (a causal LM unless `auto_class` says otherwise), prepared for
+    k-bit training when quantised."""
     spec = recipe.model
-    kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype], **_hub_kwargs(spec)}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype], **_hub_kwargs(spec), **extra}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if (quant := quantization_config(spec)) is not None:
         kwargs["quantization_config"] = quant
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
+        model = auto_class.from_pretrained(spec.name_or_path, **kwargs)
     except ImportError as err:
         raise UserError(f"missing package for this model ({_first_line(err)})", where="model.quantization") from None
     except (OSError, ValueError) as err:
@@ -107,6 +108,8 @@ def attach_adapter(model: PreTrainedModel, adapter: AdapterSection) -> tuple[Any
 
 def describe_reference(recipe: Recipe) -> str:
     """One line saying which policy the margins are measured against."""
+    if recipe.objective.loss == "reward":
+        return "none: a reward model is fitted to the pairs directly (Bradley–Terry, eq. 5)"
     if recipe.adapter.init_from:
         ref = f"frozen copy of the starting adapter {recipe.adapter.init_from}"
     else:

@@ -73,6 +73,16 @@ def dpo_loss(h: Tensor, tau: float | Tensor, p_hat: Tensor | None = None) -> Ten
     return -p_hat * F.logsigmoid(logits) - (1 - p_hat) * F.logsigmoid(-logits)
 
 
+def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, p_hat: Tensor | None = None) -> Tensor:
+    """Reward-model loss, eq. 4–5: −log σ(r(y_w) − r(y_l)), per pair, (B,), (B,) -> (B,).
+
+    Bradley–Terry says p*(y ≻ y') = σ(r(y) − r(y')) (eq. 4); fitting r by maximum likelihood on the pairs is
+    eq. 5. With soft labels it is the cross-entropy against p̂ — the same function as DPO's with h = r_w − r_l
+    and τ = 1, so it is written once.
+    """
+    return dpo_loss(r_chosen - r_rejected, 1.0, p_hat)
+
+
 def ipo_loss(h: Tensor, tau: float | Tensor) -> Tensor:
     """IPO, sampled form (eq. 28, Algorithm 1): (h − 1/(2τ))², per pair, (B,) -> (B,)."""
     return (h - 1 / (2 * tau)) ** 2

@@ -33,10 +33,11 @@ def print_banner(trainer: Any, prepared: Any) -> None:
     trainable, total = trainer.model.get_nb_trainable_parameters()
     objective = recipe.objective
     psi = f", Ψ={objective.psi}" if objective.loss == "psipo" else ""
+    logps = f", log-probs: {objective.logps} over response tokens" if objective.logps else ""
     lines = [
         f"model      {recipe.model.name_or_path} ({recipe.model.quantization}, dtype {recipe.model.dtype})",
         f"adapter    LoRA r={recipe.adapter.r} α={recipe.adapter.alpha:g}: {trainable:,} trainable of {total:,}",
-        f"objective  {objective.loss} τ={objective.tau:g}{psi}, log-probs: {objective.logps} over response tokens",
+        f"objective  {objective.loss} τ={objective.tau:g}{psi}{logps}",
         f"reference  {describe_reference(recipe)}",
         f"data       {len(prepared.train.dataset):,} train pairs"
         + (f", {len(prepared.eval.dataset):,} eval pairs" if prepared.eval else ""),

@@ -204,3 +204,16 @@ def test_registries_cover_the_three_objectives():
     assert set(OBJECTIVES) == {"dpo", "ipo", "psipo"} == set(DEFAULT_AGGREGATION)
     assert set(objectives.PSI) >= {"identity", "logit"}
     assert DEFAULT_AGGREGATION == {"dpo": "sum", "ipo": "mean", "psipo": "mean"}
+
+
+def test_bradley_terry_loss_hand_worked_values() -> None:
+    """eq. 5: −log σ(r_w − r_l). Δr = 0 → log 2; Δr = log 3 → −log(3/4) = log(4/3); Δr = −log 3 → log 4.
+    Soft p̂ = ½ at Δr = log 3: ½·log(4/3) + ½·log 4."""
+    from psipo_cli.objectives import bradley_terry_loss
+
+    r_chosen = torch.tensor([0.0, math.log(3.0), 0.0])
+    r_rejected = torch.tensor([0.0, 0.0, math.log(3.0)])
+    expected = torch.tensor([math.log(2.0), math.log(4 / 3), math.log(4.0)])
+    torch.testing.assert_close(bradley_terry_loss(r_chosen, r_rejected), expected)
+    soft = bradley_terry_loss(r_chosen[1:2], r_rejected[1:2], torch.tensor([0.5]))
+    torch.testing.assert_close(soft, torch.tensor([0.5 * math.log(4 / 3) + 0.5 * math.log(4.0)]))

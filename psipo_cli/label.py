@@ -1,0 +1,76 @@
+"""`psipo label`: write a data file back with p̂ = σ(r(chosen) − r(rejected)) from a trained reward model."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from psipo_cli.config import Columns, DataSource, Recipe
+from psipo_cli.data import validated_rows
+from psipo_cli.errors import UserError
+from psipo_cli.modeling import load_tokenizer
+from psipo_cli.recipe import load_recipe
+from psipo_cli.reward import load_reward_model, preference_probability, score
+from psipo_cli.rundir import RECIPE_FILE
+
+
+@dataclass
+class LabelReport:
+    rows: int
+    mean_p_hat: float
+    agreement: float  # share of rows where the reward model agrees with the chosen/rejected order (p̂ > ½)
+    out: Path
+
+
+def resolve_reward_run(target: Path) -> tuple[Recipe, Path]:
+    """A run directory, or a recipe whose output.dir is one; it must hold a trained reward model."""
+    if target.is_dir():
+        if not (target / RECIPE_FILE).is_file():
+            raise UserError("not a psipo run directory (no recipe.yaml)", where=str(target))
+        recipe, run_dir = load_recipe(target / RECIPE_FILE), target
+    elif target.is_file():
+        recipe = load_recipe(target)
+        run_dir = Path(recipe.output.dir)
+    else:
+        raise UserError("no such run directory or recipe", where=str(target))
+    if recipe.objective.loss != "reward":
+        raise UserError(
+            f"this run trained objective.loss={recipe.objective.loss}; labels need a reward model "
+            "(a recipe with objective.loss: reward)",
+            where=str(target),
+        )
+    if not (run_dir / "adapter_config.json").is_file():
+        raise UserError("the reward model has not been trained yet (no adapter_config.json)", where=str(run_dir))
+    return recipe, run_dir
+
+
+def label_file(target: Path, data: str, out: Path, column: str = "p_hat", overwrite: bool = False) -> LabelReport:
+    if out.suffix != ".jsonl":
+        raise UserError("labelled data is written as JSON lines: use a .jsonl name", where=str(out))
+    if out.exists() and not overwrite:
+        raise UserError("exists; pass --overwrite to replace it", where=str(out))
+    if not out.parent.is_dir():
+        raise UserError("the output's directory does not exist", where=str(out))
+    recipe, run_dir = resolve_reward_run(target)
+    tokenizer = load_tokenizer(recipe.model)
+    # Only prompt/chosen/rejected are read: the file to label need not carry any label column yet.
+    mapping = recipe.data.columns
+    columns = Columns(prompt=mapping.prompt, chosen=mapping.chosen, rejected=mapping.rejected)
+    _, pairs = validated_rows(DataSource(path=data), columns, tokenizer, "DATA")
+    model = load_reward_model(recipe, run_dir, tokenizer)
+    chosen = score(model, tokenizer, [(row["prompt"], row["chosen"]) for _, row in pairs])
+    rejected = score(model, tokenizer, [(row["prompt"], row["rejected"]) for _, row in pairs])
+    labels = [preference_probability(c, r) for c, r in zip(chosen, rejected, strict=True)]
+    _write_jsonl(out, [{**original, column: p_hat} for (original, _), p_hat in zip(pairs, labels, strict=True)])
+    agreement = sum(p > 0.5 for p in labels) / len(labels)
+    return LabelReport(len(labels), sum(labels) / len(labels), agreement, out)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)  # never a half-written labelled file

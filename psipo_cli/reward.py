@@ -1,0 +1,157 @@
+"""Bradley–Terry reward model (eq. 4–5) and the soft labels it writes for ΨPO (`psipo label`).
+
+The reward model is the recipe's base model with a scalar head (`AutoModelForSequenceClassification`,
+one label) and a LoRA adapter; the head is trained in full (`modules_to_save`). TRL's RewardTrainer does the
+data preparation and the loop; psipo replaces its loss step so the loss comes from `objectives`.
+p̂ = σ(r(x, y_w) − r(x, y_l)) is the paper's first RLHF assumption made explicit: a ΨPO recipe can then
+train on the labelled file with `data.columns.label`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from peft import LoraConfig, PeftModel
+from torch import Tensor
+from transformers import AutoModelForSequenceClassification
+from trl import RewardConfig, RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference as RewardCollator
+from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+from psipo_cli.config import AdapterSection, Recipe
+from psipo_cli.errors import UserError
+from psipo_cli.objectives import bradley_terry_loss
+
+LABEL_FLOOR = 1e-6  # p̂ is kept strictly inside (0, 1), so a logit Ψ downstream never sees ±∞
+
+
+@dataclass
+class SoftLabelRewardCollator(RewardCollator):
+    """TRL's reward collator (chosen rows, then rejected rows), also passing p̂ when the data has it."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        if "p_hat" in examples[0]:
+            batch["p_hat"] = torch.tensor([example["p_hat"] for example in examples], dtype=torch.float32)
+        return batch
+
+
+class PsipoRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer with the loss step from `objectives.bradley_terry_loss` and psipo's metric names."""
+
+    _tag_names: ClassVar[list[str]] = ["trl", "reward-trainer", "psipo"]
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if "p_hat" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "p_hat"]
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Tensor | tuple[Tensor, Any]:
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        r_chosen, r_rejected = outputs.logits.squeeze(-1).float().chunk(2)  # (B,), (B,)
+        loss = bradley_terry_loss(r_chosen, r_rejected, inputs.get("p_hat")).mean()
+        mode = "train" if self.model.training else "eval"
+        margin = (r_chosen - r_rejected).detach()
+        values = {
+            "margin": margin,
+            "reward_accuracy": (margin > 0).float(),
+            "reward_chosen": r_chosen.detach(),
+            "reward_rejected": r_rejected.detach(),
+        }
+        for key, value in values.items():
+            self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).mean().item())
+        return (loss, outputs) if return_outputs else loss
+
+
+def reward_lora_config(adapter: AdapterSection) -> LoraConfig:
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        task_type="SEQ_CLS",
+        modules_to_save=["score"],  # the new scalar head trains in full and is saved with the adapter
+    )
+
+
+def reward_config(recipe: Recipe, has_eval: bool) -> RewardConfig:
+    training = recipe.training.model_dump(exclude={"eval_steps"})
+    return RewardConfig(
+        output_dir=recipe.output.dir,
+        report_to=[r for r in recipe.output.report_to if r != "none"] or "none",
+        max_length=recipe.data.max_length,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=recipe.training.eval_steps or recipe.training.logging_steps,
+        save_strategy="steps",
+        disable_dropout=True,
+        use_cpu=not torch.cuda.is_available(),
+        **training,
+    )
+
+
+def build_reward_trainer(recipe: Recipe, tokenizer: Any, train: Any, evaluation: Any, model: Any = None) -> Any:
+    if recipe.adapter.init_from is not None:
+        raise UserError("a reward model starts from the base model, not from an adapter", where="adapter.init_from")
+    peft_config = None
+    if model is None:
+        model = load_reward_base(recipe)
+        peft_config = reward_lora_config(recipe.adapter)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+    return PsipoRewardTrainer(
+        model=model,
+        args=reward_config(recipe, evaluation is not None),
+        data_collator=SoftLabelRewardCollator(pad_token_id=tokenizer.pad_token_id),
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def load_reward_base(recipe: Recipe) -> Any:
+    """The base model with a fresh scalar head; the causal LM head it drops and the new head are expected."""
+    from psipo_cli.modeling import load_base_model
+
+    with suppress_seqcls_warning():
+        return load_base_model(recipe, AutoModelForSequenceClassification, num_labels=1)
+
+
+def load_reward_model(recipe: Recipe, run_dir: Path, tokenizer: Any) -> PeftModel:
+    """The trained reward model of a run: base + scalar head + adapter, in eval mode."""
+    base = load_reward_base(recipe)
+    base.config.pad_token_id = tokenizer.pad_token_id
+    return PeftModel.from_pretrained(base, str(run_dir)).eval()
+
+
+def _ids(tokenizer: Any, prompt: str, response: str) -> list[int]:
+    # As TRL's reward data preparation: EOS appended to plain text, then the tokenizer's own call.
+    text = prompt + response
+    if not text.endswith(tokenizer.eos_token):
+        text += tokenizer.eos_token
+    return tokenizer(text)["input_ids"]
+
+
+@torch.no_grad()
+def score(model: Any, tokenizer: Any, texts: list[tuple[str, str]], batch_size: int = 32) -> list[float]:
+    """r(x, y) for each (prompt, response), right-padded batches."""
+    device = next(model.parameters()).device
+    rewards: list[float] = []
+    for start in range(0, len(texts), batch_size):
+        ids = [torch.tensor(_ids(tokenizer, p, r)) for p, r in texts[start : start + batch_size]]
+        input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in ids], batch_first=True)
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # (b, 1)
+        rewards += logits[:, 0].float().cpu().tolist()
+    return rewards
+
+
+def preference_probability(r_chosen: float, r_rejected: float) -> float:
+    """p̂ = σ(r_w − r_l) (eq. 4), kept inside [LABEL_FLOOR, 1 − LABEL_FLOOR]."""
+    p_hat = 1.0 / (1.0 + math.exp(-max(min(r_chosen - r_rejected, 50.0), -50.0)))
+    return min(max(p_hat, LABEL_FLOOR), 1.0 - LABEL_FLOOR)
