@@ -49,6 +49,32 @@ def finetune(
     print_summary(summary)
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def launch(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    num_processes: Annotated[int, typer.Option("--num-processes", "-n", help="Processes (GPUs) to launch.")] = 1,
+    config: Annotated[Path | None, typer.Option(help="accelerate config; default: by distributed.strategy.")] = None,
+    port: Annotated[int | None, typer.Option(help="Rendezvous port; default: a free one.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the accelerate command and exit.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in output.dir.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in output.dir.")] = False,
+) -> None:
+    """Run `accelerate launch ... -m psipo_cli finetune RECIPE` with a shipped accelerate config."""
+    import shlex
+    import subprocess
+
+    from psipo_cli.distributed import launch_command
+    from psipo_cli.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)  # fail here, once, rather than in every process
+    flags = [flag for flag, on in (("--overwrite", overwrite), ("--resume", resume)) if on]
+    command = launch_command(recipe, loaded, overrides or [], num_processes, config, port, flags)
+    stdout.print(shlex.join(command), markup=False)
+    if not dry_run:
+        raise typer.Exit(subprocess.run(command, check=False).returncode)
+
+
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Check a recipe and print it fully resolved (defaults filled in, paths absolute)."""

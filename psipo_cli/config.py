@@ -199,6 +199,35 @@ class TrainingSection(Section):
         return self
 
 
+class DistributedSection(Section):
+    """How the run spreads over processes. Launch with `accelerate launch ... -m psipo_cli` or `psipo launch`."""
+
+    strategy: Literal["auto", "ddp", "zero2", "zero3"] = Field(
+        "auto",
+        description="auto/ddp: no DeepSpeed from the recipe (the accelerate config decides); zero2/zero3: DeepSpeed "
+        "ZeRO stage 2 or 3 configured by psipo.",
+    )
+    offload_optimizer: bool = Field(False, description="ZeRO: keep optimizer state in CPU memory.")
+    offload_params: bool = Field(False, description="ZeRO-3: keep parameters in CPU memory.")
+    deepspeed_config: str | None = Field(
+        None, description="Your own DeepSpeed JSON (relative to the recipe); replaces the generated one."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistributedSection:
+        if self.offload_params and self.strategy != "zero3":
+            raise ValueError("offload_params needs strategy: zero3")
+        if self.offload_optimizer and self.strategy not in ("zero2", "zero3"):
+            raise ValueError("offload_optimizer needs strategy: zero2 or zero3")
+        if self.deepspeed_config and self.strategy == "ddp":
+            raise ValueError("deepspeed_config contradicts strategy: ddp")
+        return self
+
+    @property
+    def zero_stage(self) -> int | None:
+        return {"zero2": 2, "zero3": 3}.get(self.strategy)
+
+
 class OutputSection(Section):
     dir: str = Field(description="Run directory: recipe, metrics, adapter, summary and checkpoints go here.")
     report_to: list[Literal["none", "tensorboard", "wandb", "mlflow"]] = Field(
@@ -220,6 +249,9 @@ class Recipe(Section):
     data: DataSection = Field(description="The preference pairs.")
     objective: ObjectiveSection = Field(default_factory=ObjectiveSection, description="The objective and τ.")
     training: TrainingSection = Field(default_factory=TrainingSection, description="Optimisation settings.")
+    distributed: DistributedSection = Field(
+        default_factory=DistributedSection, description="Multi-process / DeepSpeed settings."
+    )
     output: OutputSection = Field(description="Where the run goes.")
 
     @model_validator(mode="after")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,7 +307,30 @@ def load_pairs(source: DataSource, data: DataSection, tokenizer: Any, split_name
     good, dropped = _drop_long_prompts(rows, data, tokenizer, where)
     if not good:
         raise UserError(f"no usable pairs left ({dropped})", where=where)
-    return PreferenceData(Dataset.from_list(good), where, len(rows), dropped)
+    return PreferenceData(cached_dataset(good), where, len(rows), dropped)
+
+
+def cached_dataset(rows: list[dict[str, Any]]) -> Dataset:
+    """The pairs as an Arrow dataset stored under the datasets cache, in a folder named by their content.
+
+    Every process of a launch, and every rerun on the same data, opens the same files with the same
+    fingerprint, so caches TRL keeps beside a dataset (the precomputed reference log-probs) are shared and
+    reused. An in-memory dataset would give each process its own temporary cache.
+    """
+    import datasets
+    from datasets.fingerprint import Hasher
+    from trl.trainer.utils import global_then_local_main_first
+
+    path = Path(datasets.config.HF_DATASETS_CACHE) / "psipo-pairs" / Hasher.hash(rows)
+    with global_then_local_main_first():
+        if not (path / "state.json").exists():
+            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+            Dataset.from_list(rows).save_to_disk(str(tmp))
+            try:
+                os.replace(tmp, path)  # complete or absent: never a half-written cache
+            except OSError:  # another node or process won the race; its copy is identical
+                shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(path))
 
 
 def _drop_long_prompts(

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from trl import DPOConfig
 
 from psipo_cli.config import Recipe
 from psipo_cli.data import PreferenceData, load_pairs
+from psipo_cli.distributed import deepspeed_config, prepare_zero3_init
 from psipo_cli.forward import ConcatenatedForward
 from psipo_cli.modeling import attach_adapter, describe_reference, load_base_model, load_tokenizer
 from psipo_cli.reward import build_reward_trainer
@@ -53,6 +55,7 @@ def dpo_config(recipe: Recipe, has_eval: bool) -> DPOConfig:
     training = recipe.training.model_dump(exclude={"eval_steps"})
     return DPOConfig(
         output_dir=recipe.output.dir,
+        deepspeed=deepspeed_config(recipe.distributed),
         report_to=[r for r in recipe.output.report_to if r != "none"] or "none",
         max_length=recipe.data.max_length,
         truncation_mode="keep_start",
@@ -73,13 +76,17 @@ def build_trainer(prepared: Prepared, model: Any = None) -> Any:
     if recipe.objective.loss == "reward":
         evaluation = prepared.eval.dataset if prepared.eval else None
         return build_reward_trainer(recipe, tokenizer, prepared.train.dataset, evaluation, model)
+    # The arguments come first: under ZeRO-3 they hold the DeepSpeed config that zero.Init reads while the
+    # model is being built, so the weights are sharded as they load.
+    args = dpo_config(recipe, prepared.eval is not None)
+    prepare_zero3_init(args)
     peft_config = None
     if model is None:
         model, peft_config = attach_adapter(load_base_model(recipe), recipe.adapter)
     forward = ConcatenatedForward()
     return PsipoTrainer(
         model=model,
-        args=dpo_config(recipe, prepared.eval is not None),
+        args=args,
         data_collator=forward.collator(tokenizer.pad_token_id, recipe.data.max_length),
         train_dataset=prepared.train.dataset,
         eval_dataset=prepared.eval.dataset if prepared.eval else None,
@@ -99,15 +106,22 @@ def save_adapter(trainer: Any, run_dir: Path) -> None:
 
 
 def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, on_start: Any = None) -> dict[str, Any]:
-    """Train `recipe` into its run directory and return the summary written to summary.json."""
+    """Train `recipe` into its run directory and return the summary written to summary.json.
+
+    Under a multi-process launch every process runs this; only the main one writes the run directory.
+    """
+    state = PartialState()  # brings the process group up (gloo on CPU) before anything is loaded
     prepared = prepare(recipe, overwrite, resume)
     run_dir = Path(recipe.output.dir)
     existed = run_dir.exists()
+    state.wait_for_everyone()  # every process has checked output.dir before the main one creates it
     trainer = build_trainer(prepared)
     try:
-        if not resume:
-            create_run_dir(run_dir, overwrite)
-        write_recipe(run_dir, recipe)
+        if state.is_main_process:
+            if not resume:
+                create_run_dir(run_dir, overwrite)
+            write_recipe(run_dir, recipe)
+        state.wait_for_everyone()
         if on_start is not None:
             on_start(trainer, prepared)
         trainer.add_callback(MetricsFile(run_dir))
@@ -115,7 +129,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, on_start:
         result = trainer.train(resume_from_checkpoint=True if resume else None)
         runtime = time.perf_counter() - started
     except BaseException:
-        if not existed and trainer.state.global_step == 0:
+        if state.is_main_process and not existed and trainer.state.global_step == 0:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run
         raise
     if prepared.eval is not None and _last_eval_step(run_dir) != trainer.state.global_step:

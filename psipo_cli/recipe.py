@@ -91,6 +91,10 @@ def _absolutise_local_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, An
     adapter = raw.get("adapter")
     if isinstance(adapter, dict) and isinstance(adapter.get("init_from"), str):
         raw["adapter"] = {**adapter, "init_from": _absolutise(adapter["init_from"], base_dir)}
+    distributed = raw.get("distributed")
+    if isinstance(distributed, dict) and isinstance(distributed.get("deepspeed_config"), str):
+        path = str((base_dir / Path(distributed["deepspeed_config"]).expanduser()).resolve())
+        raw["distributed"] = {**distributed, "deepspeed_config": path}
     return raw
 
 

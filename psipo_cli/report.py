@@ -50,6 +50,10 @@ def print_banner(trainer: Any, prepared: Any) -> None:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     table = Table(title=f"psipo run finished: {summary['steps']} steps in {summary['runtime_s']:.1f} s")
     table.add_column("metric")
     table.add_column("train (last log)", justify="right")

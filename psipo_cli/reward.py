@@ -82,8 +82,11 @@ def reward_lora_config(adapter: AdapterSection) -> LoraConfig:
 
 def reward_config(recipe: Recipe, has_eval: bool) -> RewardConfig:
     training = recipe.training.model_dump(exclude={"eval_steps"})
+    from psipo_cli.distributed import deepspeed_config
+
     return RewardConfig(
         output_dir=recipe.output.dir,
+        deepspeed=deepspeed_config(recipe.distributed),
         report_to=[r for r in recipe.output.report_to if r != "none"] or "none",
         max_length=recipe.data.max_length,
         eval_strategy="steps" if has_eval else "no",
@@ -98,6 +101,10 @@ def reward_config(recipe: Recipe, has_eval: bool) -> RewardConfig:
 def build_reward_trainer(recipe: Recipe, tokenizer: Any, train: Any, evaluation: Any, model: Any = None) -> Any:
     if recipe.adapter.init_from is not None:
         raise UserError("a reward model starts from the base model, not from an adapter", where="adapter.init_from")
+    from psipo_cli.distributed import prepare_zero3_init
+
+    args = reward_config(recipe, evaluation is not None)  # before the model: see finetune.build_trainer
+    prepare_zero3_init(args)
     peft_config = None
     if model is None:
         model = load_reward_base(recipe)
@@ -105,7 +112,7 @@ def build_reward_trainer(recipe: Recipe, tokenizer: Any, train: Any, evaluation:
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
     return PsipoRewardTrainer(
         model=model,
-        args=reward_config(recipe, evaluation is not None),
+        args=args,
         data_collator=SoftLabelRewardCollator(pad_token_id=tokenizer.pad_token_id),
         train_dataset=train,
         eval_dataset=evaluation,
