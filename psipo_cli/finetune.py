@@ -16,7 +16,7 @@ from trl import DPOConfig
 from psipo_cli.config import Recipe
 from psipo_cli.data import PreferenceData, load_pairs
 from psipo_cli.distributed import deepspeed_config, prepare_zero3_init
-from psipo_cli.forward import ConcatenatedForward
+from psipo_cli.forward import ConcatenatedForward, PrefixSharedForward
 from psipo_cli.modeling import attach_adapter, describe_reference, load_base_model, load_tokenizer
 from psipo_cli.reward import build_reward_trainer
 from psipo_cli.rundir import (
@@ -52,7 +52,7 @@ def prepare(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Pr
 
 def dpo_config(recipe: Recipe, has_eval: bool) -> DPOConfig:
     """TRL's config from the recipe: training.* by name, the rest mapped explicitly."""
-    training = recipe.training.model_dump(exclude={"eval_steps"})
+    training = recipe.training.model_dump(exclude={"eval_steps", "prefix_sharing"})
     return DPOConfig(
         output_dir=recipe.output.dir,
         deepspeed=deepspeed_config(recipe.distributed),
@@ -83,7 +83,7 @@ def build_trainer(prepared: Prepared, model: Any = None) -> Any:
     peft_config = None
     if model is None:
         model, peft_config = attach_adapter(load_base_model(recipe), recipe.adapter)
-    forward = ConcatenatedForward()
+    forward = PrefixSharedForward() if recipe.training.prefix_sharing else ConcatenatedForward()
     return PsipoTrainer(
         model=model,
         args=args,

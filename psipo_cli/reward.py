@@ -81,7 +81,7 @@ def reward_lora_config(adapter: AdapterSection) -> LoraConfig:
 
 
 def reward_config(recipe: Recipe, has_eval: bool) -> RewardConfig:
-    training = recipe.training.model_dump(exclude={"eval_steps"})
+    training = recipe.training.model_dump(exclude={"eval_steps", "prefix_sharing"})  # a reward model scores rows
     from psipo_cli.distributed import deepspeed_config
 
     return RewardConfig(

@@ -120,7 +120,9 @@ def test_saved_adapter_reproduces_the_logged_log_probs(ipo_run, tmp_path: Path) 
 
 
 def _batch_and_trainer(run_dir: Path, tmp_path: Path, model: PeftModel):
-    recipe = load_recipe(run_dir / "recipe.yaml", [f"output.dir={tmp_path / 'x'}"])
+    """A concatenated-layout batch (input_ids + completion_mask, checkable by a plain forward)."""
+    overrides = [f"output.dir={tmp_path / 'x'}", "training.prefix_sharing=false"]
+    recipe = load_recipe(run_dir / "recipe.yaml", overrides)
     trainer = build_trainer(prepare(recipe), model=model)
     batch = next(iter(trainer.get_eval_dataloader()))
     return trainer, batch
