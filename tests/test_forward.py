@@ -76,3 +76,18 @@ def test_training_with_prefix_sharing_follows_the_concatenated_run(write_recipe,
     assert len(losses[0]) == 4
     for a, b in zip(*losses, strict=True):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_precomputed_reference_is_cached_and_reused_on_a_rerun(write_recipe, monkeypatch) -> None:
+    from psipo_cli.trainer import PsipoTrainer
+
+    recipe = load_recipe(write_recipe(), ["objective.precompute_ref_log_probs=true"])
+    first = build_trainer(prepare(recipe))
+    assert "ref_chosen_logps" in first.train_dataset.column_names
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the reference pass ran again instead of reading the cache")
+
+    monkeypatch.setattr(PsipoTrainer, "compute_ref_log_probs", must_not_run)
+    again = build_trainer(prepare(recipe))  # same model, data and settings: the cache answers
+    assert again.train_dataset["ref_chosen_logps"] == first.train_dataset["ref_chosen_logps"]
