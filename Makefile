@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint format docs check bench assets clean
+.PHONY: install demo test test-fast lint format docs check bench assets paper clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ check: lint
 
 assets: install
 	$(BIN)/python scripts/make_tiny_assets.py
+
+# psipo vs stock TRL DPOTrainer (IPO) throughput, memory and MFU: bench/results.json (under 15 minutes on 2 cores)
+bench: install
+	$(BIN)/python bench/bench.py
+
+# IPO vs DPO margins on the tiny model at three τ: docs/paper-margins.png and .md (about 2 minutes on 2 cores)
+paper: install
+	$(BIN)/python scripts/paper_margins.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
