@@ -66,16 +66,21 @@ def target(tau: float) -> float:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--out", type=Path, default=REPO / "docs", help="folder for the PNG and the table (default: docs/)")
+    add(
+        "--taus",
+        type=float,
+        nargs="+",
+        default=[0.5, 1.0, 2.0],
+        help="regularisation strengths τ (default: %(default)s)",
     )
-    parser.add_argument("--out", type=Path, default=REPO / "docs", help="folder for the PNG and the table")
-    parser.add_argument("--taus", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="regularisation strengths τ")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
-    parser.add_argument("--pairs", type=int, default=64, help="first N training pairs: trained and evaluated on")
-    parser.add_argument("--lr", type=float, default=2.5e-3, help="learning rate (constant)")
-    parser.add_argument("--eval-every", type=int, default=10, help="evaluate on the pairs every this many steps")
-    parser.add_argument("--work", type=Path, default=None, help="folder for the run directories (default: temp)")
+    add("--steps", type=int, default=200, help="optimizer steps per run (default: %(default)s)")
+    add("--pairs", type=int, default=64, help="first N training pairs, trained and evaluated on (default: %(default)s)")
+    add("--lr", type=float, default=2.5e-3, help="constant learning rate (default: %(default)s)")
+    add("--eval-every", type=int, default=10, help="evaluate on the pairs every this many steps (default: %(default)s)")
+    add("--work", type=Path, default=None, help="folder for the run directories (default: a temporary one)")
     args = parser.parse_args(argv)
     if min(args.steps, args.pairs, args.eval_every) < 1 or min(args.taus) <= 0:
         parser.error("--steps, --pairs and --eval-every must be at least 1 and every τ positive")
@@ -110,7 +115,7 @@ def overrides(loss: str, tau: float, args: argparse.Namespace, subset: Path, run
 
 
 def train(loss: str, tau: float, args: argparse.Namespace, subset: Path, work: Path) -> Curve:
-    """One run through psipo; the trainer's per-step printout goes to the run's train.log."""
+    """One run through psipo; the trainer's per-step printout goes to WORK/<loss>-tau<τ>.log."""
     run_dir = work / f"{loss}-tau{tau:g}"
     recipe = load_recipe(RECIPE, overrides(loss, tau, args, subset, run_dir))
     started = time.perf_counter()
@@ -130,7 +135,8 @@ def train_all(args: argparse.Namespace, work: Path) -> list[Curve]:
         for loss in LOSSES:
             curve = train(loss, tau, args, subset, work)
             print(
-                f"{loss.upper()} τ={tau:g}: margin {curve.margin:.3f} (target {target(tau):g}), {curve.seconds:.1f} s"
+                f"{loss.upper()} τ={tau:g}: margin {curve.margin:.3f} (target {target(tau):g}), {curve.seconds:.1f} s",
+                flush=True,
             )
             curves.append(curve)
     return curves
