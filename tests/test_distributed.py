@@ -2,7 +2,7 @@
 
 Each run uses 2 processes × 4 pairs per step and is compared with one process × 8 pairs (the same global
 batch, the same data order): the logged losses must agree within 1e-4 (measured: ~5e-7, float summation order)
-and the saved adapters within 1e-4 elementwise. `-m "not distributed"` skips these locally.
+and the saved adapters within 1e-3 elementwise (see the test). `-m "not distributed"` skips these locally.
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from peft import PeftModel
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from psipo_cli.distributed import deepspeed_config, launch_command
 from psipo_cli.errors import UserError
 from psipo_cli.finetune import run
 from psipo_cli.recipe import load_recipe
 from psipo_cli.rundir import read_metrics
-from tests.conftest import REPO, tiny_recipe
+from tests.conftest import REPO, TINY_MODEL, tiny_recipe
 
 STEPS = 4
 CASES = {
@@ -67,12 +69,15 @@ def test_two_processes_match_one_with_the_same_global_batch(case: str, single: P
     assert len(losses) == STEPS
     for got, want in zip(losses, reference, strict=True):
         assert got == pytest.approx(want, abs=1e-4)
-    # The saved adapter is whole (gathered under ZeRO-3) and equals the single-process one.
+    # The saved adapter is whole (gathered under ZeRO-3), loads in one process, and equals the single-process one.
+    # Tolerance: summation order differs between 1 and 2 processes (~1e-7 in the loss), and Adam turns that into
+    # a step of up to ~lr on an element whose gradient is near zero; measured max |Δ| 3.6e-4 with lr = 5e-3.
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), str(run_dir))
     ours = load_file(run_dir / "adapter_model.safetensors")
     theirs = load_file(single / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys()
     for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-3, rtol=0)
 
 
 def test_launch_dry_run_prints_the_accelerate_command(cli, write_recipe) -> None:
