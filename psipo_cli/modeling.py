@@ -83,13 +83,14 @@ def load_base_model(recipe: Recipe, auto_class: Any = AutoModelForCausalLM, **ex
     return model
 
 
-def lora_config(adapter: AdapterSection) -> LoraConfig:
+def lora_config(adapter: AdapterSection, task_type: str = "CAUSAL_LM", **extra: Any) -> LoraConfig:
     return LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
         target_modules=adapter.target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
+        **extra,
     )
 
 

@@ -70,14 +70,10 @@ class PsipoRewardTrainer(RewardTrainer):
 
 
 def reward_lora_config(adapter: AdapterSection) -> LoraConfig:
-    return LoraConfig(
-        r=adapter.r,
-        lora_alpha=adapter.alpha,
-        lora_dropout=adapter.dropout,
-        target_modules=adapter.target_modules,
-        task_type="SEQ_CLS",
-        modules_to_save=["score"],  # the new scalar head trains in full and is saved with the adapter
-    )
+    from psipo_cli.modeling import lora_config
+
+    # The new scalar head trains in full and is saved with the adapter.
+    return lora_config(adapter, "SEQ_CLS", modules_to_save=["score"])
 
 
 def reward_config(recipe: Recipe, has_eval: bool) -> RewardConfig:
