@@ -6,14 +6,19 @@ Run it from the repository root:
     python bench/bench.py --quick           # tiny smoke configuration (about a minute)
     python bench/bench.py --out my.json     # figures to my.json instead of bench/results.json
 
-What is compared. A random-init `LlamaConfig` model (fp32; hidden 512, 8 layers, 8 heads, MLP 1376, the tiny
-tokenizer's 768-token vocabulary, saved to a temp dir with `assets/tiny-llama`'s tokenizer), a new LoRA adapter
+What is compared. A random-init `LlamaConfig` model (fp32; hidden 512, 4 layers, 8 heads, MLP 1376, 12.7M
+non-embedding parameters, the tiny tokenizer's 768-token vocabulary, saved to a temp dir with
+`assets/tiny-llama`'s tokenizer, so both trainers load the same weights from disk), a new LoRA adapter
 (r 16, alpha 32, no dropout, all linear layers), batch 4, max_length 512, IPO with τ = 0.1 (token-mean
 log-probs in both), constant learning rate, seed 0. psipo is built through its own API (a recipe dict →
 `psipo_cli.finetune.prepare` + `build_trainer`) with `training.prefix_sharing` true ("shared": one
 `[prompt | chosen | rejected]` row per pair) and false ("concat": TRL's layout, 2 rows per pair); TRL is built
 directly (`DPOConfig` + `DPOTrainer(peft_config=LoraConfig(...))`). Each configuration is one subprocess
-(`bench.py --one SPEC`), runs alternate psipo/TRL, and the table shows medians over repeats.
+(`bench.py --one SPEC`), 1 warm-up + 3 timed steps, 3 repeats with the arms alternating (order reversed on every
+other repeat), and the table shows medians. Per-step reference: both shapes, gradient checkpointing off and on;
+precomputed reference: both shapes, checkpointing off. Timings are only meaningful on an otherwise idle machine:
+with 2 threads on 2 cores, any other busy process slows every step several-fold (the load average before each
+run is kept in the JSON).
 
 Data. Two synthetic shapes written as plain prompt/chosen/rejected jsonl: random words that are single tokens
 of the tiny vocabulary, so every pair tokenises to exactly the same lengths (TRL appends EOS to each response):
@@ -252,6 +257,13 @@ def _step_timer(warmup: int) -> Any:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.end.append(time.perf_counter())
+            if len(self.end) == warmup:
+                self._cpu = _cpu_seconds()
+
+        def _foreign_cpu(self) -> float:
+            """Share of the machine's CPU used by other processes during the timed steps (contention)."""
+            (busy0, own0), (busy1, own1) = self._cpu, _cpu_seconds()
+            return max(0.0, (busy1 - busy0) - (own1 - own0)) / ((self.end[-1] - self.end[warmup - 1]) * os.cpu_count())
 
         def figures(self) -> dict[str, Any]:
             timed = len(self.end) - warmup
@@ -261,9 +273,19 @@ def _step_timer(warmup: int) -> Any:
                 "step_compute_s": [e - b for b, e in zip(self.begin[warmup:], self.end[warmup:], strict=True)],
                 "warmup_step_s": [e - b for b, e in zip(self.begin[:warmup], self.end[:warmup], strict=True)],
                 "rss_train_peak_mib": self.rss_peak / 2**20,
+                "foreign_cpu_share": self._foreign_cpu(),
             }
 
     return StepTimer()
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds this process has used)."""
+    import psutil
+
+    total = psutil.cpu_times()
+    own = psutil.Process().cpu_times()
+    return total.user + total.nice + total.system + total.irq + total.softirq, own.user + own.system
 
 
 def _time_precompute() -> list[float]:
@@ -396,11 +418,12 @@ def run_one(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     cache = tempfile.mkdtemp(prefix="hf-datasets-", dir=work)
     env = {**os.environ, **ENV, "HF_DATASETS_CACHE": cache}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
+    started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"bench worker failed ({spec.get('kind')}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1])
+    return {**json.loads(lines[-1]), "process_wall_s": time.perf_counter() - started}
 
 
 def flops_per_token(meta: dict[str, Any], shape: str, ref_per_step: bool) -> float:
@@ -481,7 +504,8 @@ def measure_config(
             results[f"{trainer}/{layout}"].append(run)
             log(
                 f"  {config['shape']:<15} gc={config['gc']!s:<5} precompute={config['precompute']!s:<5} "
-                f"{trainer}/{layout:<6} repeat {repeat + 1}: {run['timed_s']:.1f}s timed, load {load:.1f}"
+                f"{trainer}/{layout:<6} repeat {repeat + 1}: {run['timed_s']:.1f}s timed, "
+                f"other processes {run['foreign_cpu_share']:.0%} CPU"
             )
     return results
 
@@ -512,9 +536,12 @@ def measure(plan: dict[str, Any], log: Any) -> dict[str, Any]:
         }
         trl = row["arms"]["trl/concat"]
         row["ratios"] = {arm: ratios(s, trl) for arm, s in row["arms"].items() if arm != "trl/concat"}
+    foreign = [run["foreign_cpu_share"] for row in rows for s in row["arms"].values() for run in s["runs"]]
     return {
         "plan": plan,
         "model": meta,
+        "foreign_cpu_share_max": max(foreign),
+        "foreign_cpu_share_median": statistics.median(foreign),
         "matmul_peak_gflops": peak,
         "matmul_peak_gflops_runs": peaks,
         "rows": rows,
@@ -614,6 +641,11 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print(results["table"])
+    if results["foreign_cpu_share_max"] > 0.1:
+        print(
+            f"\nwarning: other processes used up to {results['foreign_cpu_share_max']:.0%} of the CPU during timed "
+            "steps: these timings are not clean"
+        )
     print(
         f"\n{results['machine']['cpu']}, {THREADS} threads, torch {results['machine'].get('torch')}; "
         f"matmul peak {results['matmul_peak_gflops']:.0f} GFLOP/s; wall {results['wall_s'] / 60:.1f} min; "
