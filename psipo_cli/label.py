@@ -11,9 +11,8 @@ from psipo_cli.config import Columns, DataSource, Recipe
 from psipo_cli.data import validated_rows
 from psipo_cli.errors import UserError
 from psipo_cli.modeling import load_tokenizer
-from psipo_cli.recipe import load_recipe
 from psipo_cli.reward import load_reward_model, preference_probability, score
-from psipo_cli.rundir import RECIPE_FILE
+from psipo_cli.rundir import resolve_run
 
 
 @dataclass
@@ -25,24 +24,14 @@ class LabelReport:
 
 
 def resolve_reward_run(target: Path) -> tuple[Recipe, Path]:
-    """A run directory, or a recipe whose output.dir is one; it must hold a trained reward model."""
-    if target.is_dir():
-        if not (target / RECIPE_FILE).is_file():
-            raise UserError("not a psipo run directory (no recipe.yaml)", where=str(target))
-        recipe, run_dir = load_recipe(target / RECIPE_FILE), target
-    elif target.is_file():
-        recipe = load_recipe(target)
-        run_dir = Path(recipe.output.dir)
-    else:
-        raise UserError("no such run directory or recipe", where=str(target))
+    """A trained reward-model run: a run directory, or a recipe whose output.dir is one."""
+    recipe, run_dir = resolve_run(target)
     if recipe.objective.loss != "reward":
         raise UserError(
             f"this run trained objective.loss={recipe.objective.loss}; labels need a reward model "
             "(a recipe with objective.loss: reward)",
             where=str(target),
         )
-    if not (run_dir / "adapter_config.json").is_file():
-        raise UserError("the reward model has not been trained yet (no adapter_config.json)", where=str(run_dir))
     return recipe, run_dir
 
 

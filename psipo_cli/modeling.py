@@ -107,6 +107,18 @@ def attach_adapter(model: PreTrainedModel, adapter: AdapterSection) -> tuple[Any
         raise UserError(f"cannot load adapter ({_first_line(err)})", where="adapter.init_from") from None
 
 
+def load_policy(recipe: Recipe, run_dir: Path) -> Any:
+    """A finished run's policy for inference: the recipe's base model with the run's trained adapter, eval mode.
+
+    `with model.disable_adapter():` gives the reference policy (the base) from the same weights.
+    """
+    try:
+        model = PeftModel.from_pretrained(load_base_model(recipe), str(run_dir))
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot load the run's adapter ({_first_line(err)})", where=str(run_dir)) from None
+    return model.eval()
+
+
 def describe_reference(recipe: Recipe) -> str:
     """One line saying which policy the margins are measured against."""
     if recipe.objective.loss == "reward":

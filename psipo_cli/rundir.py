@@ -82,6 +82,24 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=False) + "\n")
 
 
+def resolve_run(target: Path) -> tuple[Recipe, Path]:
+    """(recipe, run directory) of a finished run, given its directory or the recipe whose output.dir it is."""
+    from psipo_cli.recipe import load_recipe
+
+    if target.is_dir():
+        if not (target / RECIPE_FILE).is_file():
+            raise UserError("not a psipo run directory (no recipe.yaml)", where=str(target))
+        recipe, run_dir = load_recipe(target / RECIPE_FILE), target
+    elif target.is_file():
+        recipe = load_recipe(target)
+        run_dir = Path(recipe.output.dir)
+    else:
+        raise UserError("no such run directory or recipe", where=str(target))
+    if not (run_dir / "adapter_config.json").is_file():
+        raise UserError("this run has not finished training (no adapter_config.json)", where=str(run_dir))
+    return recipe, run_dir
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS_FILE
     if not path.exists():
