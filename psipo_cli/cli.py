@@ -6,13 +6,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 import yaml
 from rich.console import Console
 
-from psipo_cli.errors import EXIT_USER_ERROR, UserError
+from psipo_cli.errors import EXIT_USER_ERROR, RunInterrupted, UserError
 
 # bitsandbytes tries to fetch an optional CPU kernel from the hub on import and warns when it can't; it falls back
 # to its built-in kernel, so the warning is noise (and the fetch can never work offline).
@@ -30,23 +30,37 @@ OverridesArg = Annotated[
 ]
 
 
+ResumeFlag = Annotated[
+    bool, typer.Option(help="Continue output.dir's run from its newest complete checkpoint; --resume PATH: from PATH.")
+]
+ResumeFrom = Annotated[Path | None, typer.Option(hidden=True, help="Set by `--resume PATH`.")]
+
+
 @app.command()
 def finetune(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in output.dir.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue the run in output.dir from its newest checkpoint.")] = False,
+    resume: ResumeFlag = False,
+    resume_from: ResumeFrom = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only errors and where the run was saved.")
+    ] = False,
+    plain: Annotated[
+        bool, typer.Option(help="One line per log step (the default when stdout is not a terminal).")
+    ] = False,
 ) -> None:
     """Fine-tune the recipe's model on its preference data."""
     from psipo_cli.finetune import run
     from psipo_cli.recipe import load_recipe
-    from psipo_cli.report import print_banner, print_summary
+    from psipo_cli.report import Display, pick_mode
 
-    if overwrite and resume:
+    resume_arg: bool | Path = resume_from or resume
+    if overwrite and resume_arg:
         raise UserError("--overwrite and --resume are exclusive")
     loaded = load_recipe(recipe, overrides)
-    summary = run(loaded, overwrite=overwrite, resume=resume, on_start=print_banner)
-    print_summary(summary)
+    display = Display(pick_mode(quiet, plain))
+    display.summary(run(loaded, overwrite=overwrite, resume=resume_arg, display=display))
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -58,7 +72,8 @@ def launch(
     port: Annotated[int | None, typer.Option(help="Rendezvous port; default: a free one.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the accelerate command and exit.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in output.dir.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue the run in output.dir.")] = False,
+    resume: ResumeFlag = False,
+    resume_from: ResumeFrom = None,
 ) -> None:
     """Run `accelerate launch ... -m psipo_cli finetune RECIPE` with a shipped accelerate config."""
     import shlex
@@ -69,6 +84,7 @@ def launch(
 
     loaded = load_recipe(recipe, overrides)  # fail here, once, rather than in every process
     flags = [flag for flag, on in (("--overwrite", overwrite), ("--resume", resume)) if on]
+    flags += ["--resume-from", str(resume_from)] if resume_from else []
     command = launch_command(recipe, loaded, overrides or [], num_processes, config, port, flags)
     stdout.print(shlex.join(command), markup=False)
     if not dry_run:
@@ -81,6 +97,140 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     from psipo_cli.recipe import dump_recipe, load_recipe
 
     stdout.print(dump_recipe(load_recipe(recipe, overrides)), end="", markup=False)
+
+
+RunArg = Annotated[
+    Path, typer.Argument(help="Run directory, or the recipe whose output.dir it is.", show_default=False)
+]
+MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens to generate per reply.")]
+Temperature = Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 decodes greedily.")]
+Seed = Annotated[int | None, typer.Option(help="Seed the sampling, for a reproducible output.", show_default=False)]
+Reference = Annotated[bool, typer.Option(help="Use the reference policy (the adapter disabled) instead.")]
+Raw = Annotated[bool, typer.Option(help="Give prompts as plain text, without the tokenizer's chat template.")]
+
+
+@app.command()
+def merge(
+    run: RunArg,
+    out: Annotated[Path, typer.Option(help="Directory for the merged model.", show_default=False)],
+    overwrite: Annotated[bool, typer.Option(help="Replace a model already in --out.")] = False,
+    dtype: Annotated[
+        Literal["float32", "bfloat16", "float16"] | None,
+        typer.Option(help="Dtype of the merged weights; default: the recipe's (float32 for QLoRA on CPU)."),
+    ] = None,
+) -> None:
+    """Merge the run's adapter into its base model: a plain transformers model (safetensors) + tokenizer."""
+    from psipo_cli.export import merge_run
+
+    report = merge_run(run, out, overwrite, dtype)
+    note = f"; the {report.dequantised} base was loaded unquantised" if report.dequantised else ""
+    stdout.print(
+        f"merged {report.parameters:,} parameters ({report.dtype}{note}) into {report.out}; "
+        f"load with {report.auto_class}.from_pretrained('{report.out}')",
+        markup=False,
+    )
+
+
+@app.command()
+def generate(
+    run: RunArg,
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt; repeat for several.")],
+    max_new_tokens: MaxNewTokens = 64,
+    temperature: Temperature = 0.7,
+    seed: Seed = None,
+    reference: Reference = False,
+    raw: Raw = False,
+) -> None:
+    """Print a completion of each prompt by the run's trained policy."""
+    from psipo_cli.export import Sampling, generate_completions, open_generator
+
+    sampling = Sampling(max_new_tokens, temperature, seed)
+    generator = open_generator(run, sampling, reference, raw)
+    err_console.print(generator.describe(), markup=False)
+    completions = generate_completions(generator, prompt, sampling)
+    for text, completion in zip(prompt, completions, strict=True):
+        stdout.print(f"> {text}\n{completion}\n", markup=False)
+
+
+@app.command()
+def chat(
+    run: RunArg,
+    max_new_tokens: MaxNewTokens = 128,
+    temperature: Temperature = 0.7,
+    seed: Seed = None,
+    reference: Reference = False,
+    raw: Raw = False,
+) -> None:
+    """Chat with the run's policy: one line per turn from stdin, until end of input or /exit (/reset forgets)."""
+    from psipo_cli.export import Sampling, chat_loop, open_generator, stdin_reader
+
+    sampling = Sampling(max_new_tokens, temperature, seed)
+    generator = open_generator(run, sampling, reference, raw)
+    err_console.print(f"{generator.describe()}; /exit or end of input to stop, /reset to forget", markup=False)
+    chat_loop(generator, stdin_reader(), lambda text: stdout.print(text, markup=False), sampling)
+
+
+@app.command()
+def push(
+    run: RunArg,
+    repo_id: Annotated[str | None, typer.Option(help="Hub repository; default: output.hub_model_id.")] = None,
+    public: Annotated[bool, typer.Option(help="Create a missing repository public (default: private).")] = False,
+) -> None:
+    """Upload a finished run (adapter, tokenizer, model card, metrics; no checkpoints) to the Hugging Face Hub."""
+    from psipo_cli.export import push_finished_run
+
+    stdout.print(f"pushed to {push_finished_run(run, repo_id, private=not public)}", markup=False)
+
+
+@app.command("eval")
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Finished run directory, or its recipe.", show_default=False)],
+    overrides: OverridesArg = None,
+    data: Annotated[str | None, typer.Option(help="Pairs to evaluate (file or hub id); default: data.eval.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Per-pair results (.jsonl); default: RUN/eval/pairs.jsonl.")] = None,
+    generate: Annotated[int, typer.Option(min=0, help="Also sample N responses per prompt from π and π_ref.")] = 0,
+    prompts: Annotated[int, typer.Option(min=1, help="Prompts to sample from (with --generate).")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest sampled response (with --generate).")] = 64,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing eval results.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of the table.")] = False,
+) -> None:
+    """Score a finished run on preference pairs: margins, reward accuracy, loss, drift (and KL with --generate)."""
+    import json
+
+    from psipo_cli.evaluate import EvalOptions, evaluate_run, print_report
+
+    options = EvalOptions(data, out, generate, prompts, max_new_tokens, overwrite)
+    summary = evaluate_run(run, overrides, options)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        print_report(summary, stdout)
+
+
+@app.command()
+def plot(
+    run: Annotated[Path, typer.Argument(help="Run directory, finished or in progress.", show_default=False)],
+) -> None:
+    """Draw a run's metrics as PNGs in RUN/plots/ (one per metric, and overview.png)."""
+    from psipo_cli.plots import write_plots
+
+    for path in write_plots(run):
+        stdout.print(str(path), markup=False)
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more run directories.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Directory for the overlaid plots.")] = Path("psipo-compare"),
+    overwrite: Annotated[bool, typer.Option(help="Replace plots already in --out.")] = False,
+) -> None:
+    """Overlay several runs' metrics in one set of plots and tabulate their final metrics."""
+    from psipo_cli.plots import compare_runs, print_table
+
+    paths, table = compare_runs(runs, out, overwrite=overwrite)
+    print_table(table, stdout)
+    for path in paths:
+        stdout.print(str(path), markup=False)
 
 
 @app.command("recipes")
@@ -145,6 +295,7 @@ def main() -> None:
 
     Usage errors (unknown option, missing argument) are click's own, also exit code 2.
     """
+    sys.argv[1:] = resume_path_option(sys.argv[1:])
     try:
         app()
     except UserError as err:
@@ -152,6 +303,25 @@ def main() -> None:
             raise
         err_console.print(f"error: {err}", markup=False)
         sys.exit(EXIT_USER_ERROR)
+    except RunInterrupted as stop:
+        err_console.print(f"stopped: {stop}", markup=False)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("stopped at once (second interrupt); the newest complete checkpoint is intact")
+        sys.exit(130)
+
+
+def resume_path_option(args: list[str]) -> list[str]:
+    """`--resume PATH` → `--resume-from PATH` when PATH is an existing directory.
+
+    click has no option with an optional value; an existing directory can never be a positional argument here (the
+    recipe is a file, overrides hold '='), so reading it as --resume's value is unambiguous.
+    """
+    out = list(args)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--resume" and Path(out[i + 1]).is_dir():
+            out[i] = "--resume-from"
+    return out
 
 
 if __name__ == "__main__":

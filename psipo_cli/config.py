@@ -6,11 +6,13 @@ these models; nothing else declares a recipe key. Every model forbids unknown ke
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from psipo_cli.objectives import DEFAULT_AGGREGATION, PSI
+from psipo_cli.errors import UserError
+from psipo_cli.objectives import DEFAULT_AGGREGATION, check_psi, resolve_psi
 
 
 class Section(BaseModel):
@@ -134,7 +136,13 @@ class ObjectiveSection(Section):
         "reward: a Bradley–Terry reward model, −log σ(r_w − r_l) (eq. 5), for `psipo label`.",
     )
     tau: float = Field(0.1, gt=0, description="Regularisation strength τ (DPO's β). Smaller τ allows larger margins.")
-    psi: str = Field("identity", description="Ψ for psipo: a registered name (identity, logit).")
+    psi: str = Field(
+        "identity",
+        description="Ψ for psipo: a registered name (identity, logit) or an expression in q of at most 200 characters "
+        "built from numbers, q, + - * / **, parentheses and log, exp, sqrt, tanh, sigmoid, log1p, expm1 (e.g. "
+        "'2*q - 1', 'tanh(4*(q - 0.5))'). It must be finite on [0, 1] (if it is infinite at 0 or 1, p̂ is clipped "
+        "into [label_eps, 1 − label_eps] as for logit), non-decreasing, and not constant.",
+    )
     logps: Literal["sum", "mean"] | None = Field(
         None,
         description="Sequence log-prob: sum or token mean over the response. Empty: sum for dpo, mean for ipo/psipo.",
@@ -152,9 +160,18 @@ class ObjectiveSection(Section):
     @field_validator("psi")
     @classmethod
     def _known_psi(cls, value: str) -> str:
-        if value not in PSI:
-            raise ValueError(f"unknown Ψ '{value}'; choose one of {sorted(PSI)}")
+        check_psi(value)  # ValueError saying why: unknown name, disallowed syntax, not finite/monotone, constant
         return value
+
+    @model_validator(mode="after")
+    def _psi_at_label_eps(self) -> ObjectiveSection:
+        # _known_psi checked Ψ with the default ε; one infinite at 0 or 1 is used on [label_eps, 1 − label_eps].
+        # Raised as UserError (which pydantic passes through) so the message names objective.psi, not the section.
+        try:
+            check_psi(self.psi, self.label_eps)
+        except ValueError as err:
+            raise UserError(f"{err} (with objective.label_eps={self.label_eps:g})", where="objective.psi") from None
+        return self
 
     @model_validator(mode="after")
     def _default_aggregation(self) -> ObjectiveSection:
@@ -238,6 +255,21 @@ class OutputSection(Section):
     report_to: list[Literal["none", "tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["none"], description="Experiment trackers to log to, as in transformers."
     )
+    push_to_hub: bool = Field(
+        False,
+        description="At the end of the run, upload it (adapter, tokenizer, model card, metrics; no checkpoints) to "
+        "output.hub_model_id, created private if new. The token comes from HF_TOKEN or `hf auth login`, never a file.",
+    )
+    hub_model_id: str | None = Field(
+        None, description="Hub model repository to push to with push_to_hub, e.g. your-name/zephyr-7b-ipo."
+    )
+
+    @field_validator("hub_model_id")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value):
+            raise ValueError("a hub repository id looks like name or owner/name (letters, digits, '-', '_', '.')")
+        return value
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -269,8 +301,9 @@ class Recipe(Section):
             )
         if self.objective.loss == "reward" and self.objective.precompute_ref_log_probs:
             raise ValueError("objective.precompute_ref_log_probs: a reward model has no reference policy")
-        if self.objective.loss == "psipo" and self.objective.psi != "identity" and not labels:
-            # Proposition 3 (unbiased averaging of hard labels) holds for the identity only.
+        psi = resolve_psi(self.objective.psi, self.objective.label_eps)
+        if self.objective.loss == "psipo" and not psi.linear and not labels:
+            # Proposition 3 (unbiased averaging of hard labels) holds when Ψ(q) − Ψ(1 − q) is linear (identity).
             raise ValueError(
                 f"objective.psi: a non-linear Ψ ('{self.objective.psi}') needs probability estimates; "
                 "set data.columns.label (or votes_chosen/votes_total)"
@@ -282,4 +315,10 @@ class Recipe(Section):
             )
         if self.model.quantization != "none" and self.model.dtype == "float16" and self.training.bf16:
             raise ValueError("model.dtype: float16 weights with training.bf16 mix precisions; pick one")
+        return self
+
+    @model_validator(mode="after")
+    def _hub_target(self) -> Recipe:
+        if self.output.push_to_hub and not self.output.hub_model_id:
+            raise ValueError("output.hub_model_id: output.push_to_hub needs the hub repository to push to (owner/name)")
         return self

@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import reprlib
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+from jinja2 import TemplateError
 
 from psipo_cli.config import Columns, DataSection, DataSource
 from psipo_cli.errors import UserError
 from psipo_cli.recipe import looks_local
 
 MAX_LISTED_ROWS = 5  # bad rows named in one error line; the total is always given
+CSV_FIELD_LIMIT = 1 << 30  # the csv module's default (128 KiB) refuses long but legitimate responses
+_MISSING = object()  # a column absent from one row (the first row's columns are checked separately)
 
 
 @dataclass
@@ -36,6 +40,15 @@ class PreferenceData:
     source: str
     rows_read: int
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 40  # a 400-digit label or a pasted essay stays a short quote
+_SHORT.maxlevel = 1
+
+
+def _short(value: Any) -> str:
+    return _SHORT.repr(value)
 
 
 class _RowErrors:
@@ -64,7 +77,10 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as err:
-                raise UserError(f"line {number} is not valid JSON ({err.msg})", where=str(path)) from None
+                problem = f"{err.msg.removesuffix(' at')} at column {err.colno}"  # 'Unterminated string starting at'
+                raise UserError(f"line {number} is not valid JSON ({problem})", where=str(path)) from None
+            except RecursionError:
+                raise UserError(f"line {number} nests too deeply to be a row", where=str(path)) from None
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
@@ -72,6 +88,8 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise UserError(f"not valid JSON (line {err.lineno}: {err.msg})", where=str(path)) from None
+    except RecursionError:
+        raise UserError("not valid data: it nests too deeply", where=str(path)) from None
     if not isinstance(data, list):
         raise UserError("a .json data file must hold a list of rows", where=str(path))
     yield from enumerate(data, start=1)
@@ -89,9 +107,14 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     with path.open(encoding="utf-8", newline="") as handle:
-        # Row numbers count the header as line 1, as a spreadsheet shows them.
-        yield from enumerate(csv.DictReader(handle), start=2)
+        reader = csv.DictReader(handle)
+        try:
+            # Row numbers count the header as line 1, as a spreadsheet shows them.
+            yield from enumerate(reader, start=2)
+        except csv.Error as err:
+            raise UserError(f"line {reader.line_num} is not valid CSV ({err})", where=str(path)) from None
 
 
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
@@ -132,11 +155,15 @@ def _is_messages(value: Any) -> bool:
     return (
         isinstance(value, list)
         and len(value) > 0
-        and all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in value)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str) for m in value
+        )
     )
 
 
 def _field_problem(value: Any, name: str) -> str | None:
+    if value is _MISSING:
+        return f"'{name}' is missing"
     if value is None:
         return f"'{name}' is null"
     if isinstance(value, str):
@@ -151,20 +178,20 @@ def _soft_label(row: dict[str, Any], columns: Columns) -> tuple[float | None, st
     if columns.label is not None:
         value = row.get(columns.label)
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            return None, f"label '{columns.label}' must be a number in [0, 1], got {value!r}"
+            return None, f"label '{columns.label}' must be a number in [0, 1], got {_short(value)}"
         try:
             p_hat = float(value)
-        except ValueError:
-            return None, f"label '{columns.label}' must be a number in [0, 1], got {value!r}"
+        except (ValueError, OverflowError):
+            return None, f"label '{columns.label}' must be a number in [0, 1], got {_short(value)}"
         if math.isnan(p_hat) or not 0.0 <= p_hat <= 1.0:
-            return None, f"label '{columns.label}' must be in [0, 1], got {value!r}"
+            return None, f"label '{columns.label}' must be in [0, 1], got {_short(value)}"
         return p_hat, None
     if columns.votes_chosen is not None and columns.votes_total is not None:
         chosen, total = row.get(columns.votes_chosen), row.get(columns.votes_total)
         try:
             chosen_n, total_n = int(chosen), int(total)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            return None, f"votes must be whole numbers, got {chosen!r}/{total!r}"
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
+            return None, f"votes must be whole numbers, got {_short(chosen)}/{_short(total)}"
         if total_n <= 0 or not 0 <= chosen_n <= total_n:
             return None, f"votes must satisfy 0 <= chosen <= total and total > 0, got {chosen_n}/{total_n}"
         return chosen_n / total_n, None
@@ -173,10 +200,10 @@ def _soft_label(row: dict[str, Any], columns: Columns) -> tuple[float | None, st
         chosen, rejected = row.get(columns.score_chosen), row.get(columns.score_rejected)
         try:
             delta = (float(chosen) - float(rejected)) / columns.score_scale  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            return None, f"scores must be numbers, got {chosen!r}/{rejected!r}"
+        except (TypeError, ValueError, OverflowError):  # OverflowError: float() of a 400-digit integer
+            return None, f"scores must be numbers, got {_short(chosen)}/{_short(rejected)}"
         if math.isnan(delta):
-            return None, f"scores must be numbers, got {chosen!r}/{rejected!r}"
+            return None, f"scores must be numbers, got {_short(chosen)}/{_short(rejected)}"
         return 1.0 / (1.0 + math.exp(-max(min(delta, 50.0), -50.0))), None
     return None, None
 
@@ -230,7 +257,7 @@ def _normalise_row(row: Any, columns: Columns, render: ChatRenderer) -> tuple[di
     """(plain-text row, problem)."""
     if not isinstance(row, dict):
         return None, f"expected an object with columns, got {type(row).__name__}"
-    prompt, chosen, rejected = row.get(columns.prompt), row.get(columns.chosen), row.get(columns.rejected)
+    prompt, chosen, rejected = (row.get(c, _MISSING) for c in (columns.prompt, columns.chosen, columns.rejected))
     for name, value in ((columns.chosen, chosen), (columns.rejected, rejected)):
         if (problem := _field_problem(value, name)) is not None:
             return None, problem
@@ -249,6 +276,8 @@ def _normalise_row(row: Any, columns: Columns, render: ChatRenderer) -> tuple[di
             prompt = prompt_text
     except ValueError as err:
         return None, str(err)
+    except (TypeError, TemplateError) as err:  # a template that refuses these messages (e.g. roles out of order)
+        return None, f"the chat template cannot render this row ({str(err).splitlines()[0] if str(err) else err!r})"
     if chosen == rejected:
         return None, "chosen and rejected are identical"
     out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -337,7 +366,9 @@ def _drop_long_prompts(
     rows: list[dict[str, Any]], data: DataSection, tokenizer: Any, where: str
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """A prompt of max_length tokens or more leaves no response token after truncation: drop or fail."""
-    lengths = [len(ids) for ids in tokenizer([r["prompt"] for r in rows], add_special_tokens=True)["input_ids"]]
+    # verbose=False: transformers would warn on stderr about prompts longer than the model; they are handled here.
+    encoded = tokenizer([r["prompt"] for r in rows], add_special_tokens=True, verbose=False)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
     too_long = [i for i, n in enumerate(lengths) if n >= data.max_length]
     if not too_long:
         return rows, {}

@@ -17,4 +17,21 @@ class UserError(Exception):
 
     def __init__(self, message: str, where: str | None = None) -> None:
         self.where = where
-        super().__init__(f"{where}: {message}" if where else message)
+        super().__init__(_one_line(f"{where}: {message}" if where else message))
+
+
+# Everything str.splitlines() breaks on. `where` is often text the user typed (an override, a key path).
+_LINE_BREAKS = {code: repr(chr(code))[1:-1] for code in (*range(0x0A, 0x0E), 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029)}
+
+
+def _one_line(text: str) -> str:
+    """`text` with its line breaks escaped (as repr writes them), so the error stays one line."""
+    return text.translate(_LINE_BREAKS)
+
+
+class RunInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; exits 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        self.exit_code = 128 + signum
+        super().__init__(message)

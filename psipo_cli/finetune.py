@@ -3,25 +3,36 @@ run directory is created, so a failed start leaves nothing behind."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig
 
+from psipo_cli.checkpoints import MarkComplete, StopOnSignal, checkpoints, prepare_resume, resume_point
 from psipo_cli.config import Recipe
 from psipo_cli.data import PreferenceData, load_pairs
 from psipo_cli.distributed import deepspeed_config, prepare_zero3_init
+from psipo_cli.errors import RunInterrupted, UserError
+from psipo_cli.export import finish_run_exports
 from psipo_cli.forward import ConcatenatedForward, PrefixSharedForward
 from psipo_cli.modeling import attach_adapter, describe_reference, load_base_model, load_tokenizer
+from psipo_cli.report import Display
 from psipo_cli.reward import build_reward_trainer
 from psipo_cli.rundir import (
+    METRICS_FILE,
     MetricsFile,
+    check_free_space,
     check_output_dir,
+    checkpoint_bytes,
     create_run_dir,
     library_versions,
     read_metrics,
@@ -105,40 +116,86 @@ def save_adapter(trainer: Any, run_dir: Path) -> None:
     trainer.save_model(str(run_dir))
 
 
-def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, on_start: Any = None) -> dict[str, Any]:
+def run(
+    recipe: Recipe,
+    overwrite: bool = False,
+    resume: bool | Path = False,
+    display: Display | None = None,
+) -> dict[str, Any]:
     """Train `recipe` into its run directory and return the summary written to summary.json.
 
-    Under a multi-process launch every process runs this; only the main one writes the run directory.
+    `resume`: True continues from output.dir's newest complete checkpoint, a Path from that checkpoint (or that
+    run's newest). Under a multi-process launch every process runs this; only the main one writes the run dir.
     """
+    display = display or Display("quiet")
     state = PartialState()  # brings the process group up (gloo on CPU) before anything is loaded
-    prepared = prepare(recipe, overwrite, resume)
+    prepared = prepare(recipe, overwrite, bool(resume))
     run_dir = Path(recipe.output.dir)
-    existed = run_dir.exists()
+    checkpoint = resume_point(run_dir, resume if isinstance(resume, Path) else None) if resume else None
     state.wait_for_everyone()  # every process has checked output.dir before the main one creates it
-    trainer = build_trainer(prepared)
-    try:
+    stopper = StopOnSignal()
+    with _no_half_made_run(run_dir, state.is_main_process):
+        trainer = build_trainer(prepared)  # TRL's Trainer already creates output.dir
+        check_free_space(run_dir, checkpoint_bytes(trainer.model))
         if state.is_main_process:
-            if not resume:
+            if checkpoint is None:
                 create_run_dir(run_dir, overwrite)
+            else:
+                prepare_resume(run_dir, checkpoint)
             write_recipe(run_dir, recipe)
         state.wait_for_everyone()
-        if on_start is not None:
-            on_start(trainer, prepared)
-        trainer.add_callback(MetricsFile(run_dir))
+        display.banner(trainer, prepared)
+        for callback in (ProgressCallback, PrinterCallback):  # psipo's display replaces the Trainer's tqdm/prints
+            trainer.remove_callback(callback)
+        for callback in (MetricsFile(run_dir), MarkComplete(), stopper, display.callback()):
+            trainer.add_callback(callback)
         started = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        try:
+            with stopper:  # only while training: Ctrl-C during loading stops at once
+                result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:
+            display.close()
         runtime = time.perf_counter() - started
-    except BaseException:
-        if state.is_main_process and not existed and trainer.state.global_step == 0:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run
-        raise
+    if stopper.received is not None:
+        raise RunInterrupted(_interrupted_message(run_dir, trainer, stopper.received), stopper.received)
     if prepared.eval is not None and _last_eval_step(run_dir) != trainer.state.global_step:
         trainer.evaluate()  # logged to metrics.jsonl like the periodic evaluations
     save_adapter(trainer, run_dir)
     summary = summarize(trainer, prepared, result.metrics, runtime)
     if trainer.is_world_process_zero():
+        summary["plots"] = _plots(run_dir)
         write_summary(run_dir, summary)
+        summary["hub_url"] = finish_run_exports(run_dir, recipe, summary).pushed_to  # model card, hub push
     return summary
+
+
+def _plots(run_dir: Path) -> list[str]:
+    """The run's PNG plots; none (not an error) when matplotlib, an optional extra, is not installed."""
+    from psipo_cli.plots import write_plots
+
+    try:
+        return [str(path) for path in write_plots(run_dir)]
+    except UserError:
+        return []
+
+
+@contextlib.contextmanager
+def _no_half_made_run(run_dir: Path, is_main: bool) -> Iterator[None]:
+    """Remove output.dir again if this run created it and failed before logging a single step."""
+    existed = run_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if is_main and not existed and not (run_dir / METRICS_FILE).exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _interrupted_message(run_dir: Path, trainer: Any, signum: int) -> str:
+    saved = checkpoints(run_dir)
+    where = f"checkpoint saved in {saved[-1]}" if saved else "no checkpoint was saved"
+    name = signal.Signals(signum).name
+    return f"{name} at step {trainer.state.global_step}: {where}; continue with --resume"
 
 
 def _last(run_dir: Path, split: str) -> dict[str, Any]:

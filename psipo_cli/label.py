@@ -12,7 +12,7 @@ from psipo_cli.data import validated_rows
 from psipo_cli.errors import UserError
 from psipo_cli.modeling import load_tokenizer
 from psipo_cli.reward import load_reward_model, preference_probability, score
-from psipo_cli.rundir import resolve_run
+from psipo_cli.rundir import require_trained, resolve_run
 
 
 @dataclass
@@ -25,13 +25,14 @@ class LabelReport:
 
 def resolve_reward_run(target: Path) -> tuple[Recipe, Path]:
     """A trained reward-model run: a run directory, or a recipe whose output.dir is one."""
-    recipe, run_dir = resolve_run(target)
+    recipe, run_dir = resolve_run(target, finished=False)
     if recipe.objective.loss != "reward":
         raise UserError(
             f"this run trained objective.loss={recipe.objective.loss}; labels need a reward model "
             "(a recipe with objective.loss: reward)",
             where=str(target),
         )
+    require_trained(run_dir)
     return recipe, run_dir
 
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from psipo_cli.psi_expr import CompiledPsi, PsiExpressionError, compile_psi
 
 # Ψ maps a preference probability to a utility in the ΨPO objective. "identity" gives IPO, "logit" with
 # Bradley–Terry preferences gives the RLHF/DPO optimum (Proposition 1).
@@ -31,10 +34,26 @@ _PSI_NEEDS_CLIP = frozenset({"logit"})
 DEFAULT_AGGREGATION: dict[str, str] = {"dpo": "sum", "ipo": "mean", "psipo": "mean"}
 
 
-def check_psi(name: str) -> None:
-    """Raise ValueError naming the valid Ψs if `name` is not one of them."""
-    if name not in PSI:
-        raise ValueError(f"unknown psi {name!r}; valid: {', '.join(sorted(PSI))}")
+@lru_cache(maxsize=64)
+def resolve_psi(name: str, label_eps: float = 0.01) -> CompiledPsi:
+    """Ψ by registered name, or else a checked expression in q (see psi_expr); ValueError saying why if neither.
+
+    Compiled expressions are cached: the trainer looks Ψ up on every step.
+    """
+    if name in PSI:
+        return CompiledPsi(name, PSI[name], needs_clip=name in _PSI_NEEDS_CLIP, linear=name == "identity")
+    try:
+        return compile_psi(name, label_eps)
+    except PsiExpressionError as err:
+        if name.isidentifier() and len(name) <= 40:  # most likely a misspelt name, not an attempted expression
+            valid = f"{', '.join(sorted(PSI))}, or an expression in q such as 2*q - 1"
+            raise ValueError(f"unknown Ψ {name!r}; valid: {valid}") from None
+        raise ValueError(f"invalid Ψ expression: {err}") from None
+
+
+def check_psi(name: str, label_eps: float = 0.01) -> None:
+    """Raise ValueError saying why if `name` is neither a registered Ψ nor a usable expression in q."""
+    resolve_psi(name, label_eps)
 
 
 def sequence_logps(logps_sum: Tensor, lengths: Tensor, aggregation: str) -> Tensor:
@@ -95,14 +114,15 @@ def psipo_target(p_hat: Tensor, tau: float | Tensor, psi: str = "identity", labe
     responses. Identity Ψ: (p̂ − ½)/τ, so hard labels give IPO's 1/(2τ). Logit Ψ: logit(p̂)/τ, infinite
     at p̂ ∈ {0, 1}; hard labels are handled by first clipping p̂ into [label_eps, 1 − label_eps], so
     p̂ = 1 gives logit(1 − ε)/τ (a deviation: the paper leaves this Ψ undefined on hard labels).
-    Ψs that are finite on [0, 1] (identity) are not clipped.
+    Ψs that are finite on [0, 1] (identity) are not clipped. `psi` may also be an expression in q
+    (psi_expr, e.g. "2*q - 1"); it is clipped like the logit when it is infinite at 0 or 1.
     """
-    check_psi(psi)
     if not 0 <= label_eps < 0.5:
         raise ValueError(f"label_eps must be in [0, 0.5), got {label_eps}")
-    if psi in _PSI_NEEDS_CLIP:
+    spec = resolve_psi(psi, label_eps)
+    if spec.needs_clip:
         p_hat = p_hat.clamp(label_eps, 1 - label_eps)
-    return (PSI[psi](p_hat) - PSI[psi](1 - p_hat)) / (2 * tau)
+    return (spec.fn(p_hat) - spec.fn(1 - p_hat)) / (2 * tau)
 
 
 def psipo_loss(h: Tensor, tau: float | Tensor, p_hat: Tensor, psi: str = "identity", label_eps: float = 0.01) -> Tensor:
@@ -170,6 +190,6 @@ def pair_losses(
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
-    check_psi(psi)
+    check_psi(psi, label_eps)
     entry = OBJECTIVES[objective]
     return entry.loss(h, tau, p_hat, psi, label_eps), entry.target(h, tau, p_hat, psi, label_eps)

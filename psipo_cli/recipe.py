@@ -8,6 +8,7 @@ validate with the schema → resolve local paths to absolute ones. Every failure
 from __future__ import annotations
 
 import difflib
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(str(err), where=str(path)) from None
     except UnicodeDecodeError:
         raise UserError("recipe is not UTF-8 text", where=str(path)) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise UserError("recipe nests too deeply", where=str(path)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark else ""
@@ -104,6 +107,8 @@ def looks_local(value: str) -> bool:
 
 
 def _absolutise(value: str, base_dir: Path) -> str:
+    if "\0" in value:  # no file system path holds NUL; left as given, the check of its key reports it
+        return value
     candidate = (base_dir / Path(value).expanduser()).resolve()
     if looks_local(value) or candidate.exists():
         return str(candidate)
@@ -121,7 +126,7 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if parent is None:
         return raw
     if not isinstance(parent, str):
-        raise UserError("extends must be a path to another recipe", where=f"{path}: extends")
+        raise UserError(f"extends must be a path to another recipe (got {_shown(parent)})", where=f"{path}: extends")
     base_path = path.parent / parent
     if not base_path.exists():
         raise UserError(f"base recipe '{parent}' not found (looked at {base_path})", where=f"{path}: extends")
@@ -197,6 +202,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], cwd: Path) -> dic
     return raw
 
 
+def _shown(value: Any) -> str:
+    """A short repr of an offending value: bounded in length and depth, so a 10,000-character string or a YAML
+    alias bomb (nested lists sharing one object) still gives one short line, in bounded time."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = 60
+    short.maxlevel, short.maxlist, short.maxdict = 2, 4, 4
+    return short.repr(value)
+
+
 def format_validation_error(err: ValidationError) -> UserError:
     """The first schema error as one line naming the key path, with a did-you-mean for unknown keys."""
     first = err.errors()[0]
@@ -210,7 +224,7 @@ def format_validation_error(err: ValidationError) -> UserError:
     message = first["msg"].removeprefix("Value error, ")
     if not loc:  # a cross-field rule: its message names the keys itself
         return UserError(f"{message}{more}")
-    return UserError(f"{message} (got {first.get('input')!r}){more}", where=where)
+    return UserError(f"{message} (got {_shown(first.get('input'))}){more}", where=where)
 
 
 def validate(raw: dict[str, Any]) -> Recipe:

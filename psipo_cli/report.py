@@ -1,13 +1,25 @@
-"""What a run prints: a banner before training and a summary after it (main process only)."""
+"""What a run prints, on the main process only: a banner before training, live progress, a summary after it.
+
+Three modes: `rich` (a terminal: one live progress line with step, ETA and the latest metrics), `plain` (stdout is
+not a terminal, or `--plain`: one line per log step, no carriage returns, so CI logs stay readable) and `quiet`
+(only the final "run saved in" line and errors).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from transformers import TrainerCallback
 
 from psipo_cli.modeling import describe_reference
+
+Mode = Literal["rich", "plain", "quiet"]
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -22,13 +34,17 @@ SUMMARY_KEYS = (
 )
 
 
+def pick_mode(quiet: bool, plain: bool) -> Mode:
+    if quiet:
+        return "quiet"
+    return "plain" if plain or not console.is_terminal else "rich"
+
+
 def _is_main(trainer: Any) -> bool:
     return trainer is None or trainer.is_world_process_zero()
 
 
-def print_banner(trainer: Any, prepared: Any) -> None:
-    if not _is_main(trainer):
-        return
+def banner_lines(trainer: Any, prepared: Any) -> list[str]:
     recipe = prepared.recipe
     trainable, total = trainer.model.get_nb_trainable_parameters()
     objective = recipe.objective
@@ -43,17 +59,65 @@ def print_banner(trainer: Any, prepared: Any) -> None:
         + (f", {len(prepared.eval.dataset):,} eval pairs" if prepared.eval else ""),
     ]
     if recipe.model.trust_remote_code:
-        lines.append("[bold yellow]trust_remote_code is ON: this model's own Python code runs[/bold yellow]")
+        lines.append("trust_remote_code is ON: this model's own Python code runs")
     lines += [f"dropped    {count} pairs: {reason}" for reason, count in prepared.train.dropped.items()]
     lines.append(f"run dir    {recipe.output.dir}")
-    console.print("\n".join(lines))
+    return lines
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    from accelerate import PartialState
+def metrics_text(logs: dict[str, float]) -> str:
+    """`loss 0.512  h 0.21→1.00  acc 0.75  5,120 tok/s` from one log record (train or eval keys)."""
+    get = {key.removeprefix("eval_"): value for key, value in logs.items()}
+    parts = []
+    if "loss" in get:
+        parts.append(f"loss {get['loss']:.4g}")
+    if "margin" in get:
+        target = f"→{get['target']:.3g}" if "target" in get else ""
+        parts.append(f"h {get['margin']:.3g}{target}")
+    if "reward_accuracy" in get:
+        parts.append(f"acc {get['reward_accuracy']:.2f}")
+    if "tokens_per_s" in get:
+        parts.append(f"{get['tokens_per_s']:,.0f} tok/s")
+    return "  ".join(parts)
 
-    if not PartialState().is_main_process:
-        return
+
+class Display:
+    """The run's console output in one of the three modes; `callback()` is the live part for the Trainer."""
+
+    def __init__(self, mode: Mode) -> None:
+        self.mode = mode
+        self._live: RichProgress | None = None
+
+    def banner(self, trainer: Any, prepared: Any) -> None:
+        if self.mode != "quiet" and _is_main(trainer):
+            console.print("\n".join(banner_lines(trainer, prepared)), markup=False)
+
+    def callback(self) -> TrainerCallback:
+        if self.mode == "rich":
+            self._live = RichProgress()
+            return self._live
+        return PlainProgress(quiet=self.mode == "quiet")
+
+    def close(self) -> None:
+        """Stop a live display even when training raised (a left-over live display garbles the terminal)."""
+        if self._live is not None:
+            self._live.on_train_end(None, None, None)
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:
+            return
+        if self.mode != "quiet":
+            console.print(summary_table(summary))
+            if summary.get("plots"):
+                console.print(f"plots in {Path(summary['plots'][0]).parent}", markup=False)
+            if summary.get("hub_url"):
+                console.print(f"pushed to {summary['hub_url']}", markup=False)
+        console.print(f"run saved in {summary['run_dir']}", markup=False)
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"psipo run finished: {summary['steps']} steps in {summary['runtime_s']:.1f} s")
     table.add_column("metric")
     table.add_column("train (last log)", justify="right")
@@ -63,9 +127,79 @@ def print_summary(summary: dict[str, Any]) -> None:
         if train is None and evaluation is None:
             continue
         table.add_row(label, _fmt(train), _fmt(evaluation))
-    console.print(table)
-    console.print(f"run saved in {summary['run_dir']}")
+    return table
 
 
 def _fmt(value: Any) -> str:
     return "" if value is None else f"{value:.4g}"
+
+
+class PlainProgress(TrainerCallback):
+    """One line per log step and per evaluation; nothing at all when quiet."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.started = time.perf_counter()
+        self.first_step = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started, self.first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if self.quiet or not state.is_world_process_zero or not logs or "train_runtime" in logs:
+            return
+        kind = "eval " if any(key.startswith("eval_") for key in logs) else "train"
+        width = len(str(state.max_steps))
+        line = f"{kind} step {state.global_step:>{width}}/{state.max_steps}  {metrics_text(logs)}"
+        if kind == "train":
+            line += f"  eta {self._eta(state)}"
+        console.print(line, markup=False)
+
+    def _eta(self, state: Any) -> str:
+        done = state.global_step - self.first_step
+        if done <= 0:
+            return "?"
+        left = (time.perf_counter() - self.started) / done * (state.max_steps - state.global_step)
+        return str(timedelta(seconds=round(left)))
+
+
+class RichProgress(TrainerCallback):
+    """A live progress bar (step, elapsed, ETA) with the latest train metrics; evaluations print above it."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        self.progress = Progress(
+            TextColumn("step"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, metrics="")
+        self.progress.start()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if self.progress is None or not logs or "train_runtime" in logs:
+            return
+        if any(key.startswith("eval_") for key in logs):
+            self.progress.console.print(f"eval  step {state.global_step}: {metrics_text(logs)}", markup=False)
+        else:
+            self.progress.update(self.task, metrics=metrics_text(logs))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,34 @@ def check_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
         )
     if overwrite and path.is_dir() and any(path.iterdir()) and not (path / RECIPE_FILE).exists():
         raise UserError(f"{path} is not empty and is not a psipo run; refusing to delete it", where=where)
-    parent = next(p for p in (path, *path.parents) if p.exists())
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{parent} is not writable", where=where)
+    parent = _existing_ancestor(path)
+    try:  # os.access says yes to root even on a read-only mount: try it
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise UserError(f"{parent} is not writable ({err.strerror})", where=where) from None
+
+
+def _existing_ancestor(path: Path) -> Path:
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def checkpoint_bytes(model: Any) -> int:
+    """Rough size of one checkpoint: trainable weights in fp32 plus Adam's two moments, and the RNG/state files."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable * 4 * 3 + 2**20
+
+
+def check_free_space(path: Path, checkpoint_size: int) -> None:
+    """Fail now rather than after an hour: room for two checkpoints and the final adapter, plus 64 MiB."""
+    needed = 2 * checkpoint_size + checkpoint_size // 3 + 64 * 2**20
+    free = shutil.disk_usage(_existing_ancestor(path)).free
+    if free < needed:
+        raise UserError(
+            f"only {free / 2**20:,.0f} MiB free, a run needs about {needed / 2**20:,.0f} MiB (two checkpoints "
+            "and the adapter)",
+            where="output.dir",
+        )
 
 
 def create_run_dir(path: Path, overwrite: bool) -> None:
@@ -82,8 +108,9 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=False) + "\n")
 
 
-def resolve_run(target: Path) -> tuple[Recipe, Path]:
-    """(recipe, run directory) of a finished run, given its directory or the recipe whose output.dir it is."""
+def resolve_run(target: Path, finished: bool = True) -> tuple[Recipe, Path]:
+    """(recipe, run directory) of a run (a finished one unless told otherwise), given its directory or the recipe
+    whose output.dir it is."""
     from psipo_cli.recipe import load_recipe
 
     if target.is_dir():
@@ -95,9 +122,14 @@ def resolve_run(target: Path) -> tuple[Recipe, Path]:
         run_dir = Path(recipe.output.dir)
     else:
         raise UserError("no such run directory or recipe", where=str(target))
+    if finished:
+        require_trained(run_dir)
+    return recipe, run_dir
+
+
+def require_trained(run_dir: Path) -> None:
     if not (run_dir / "adapter_config.json").is_file():
         raise UserError("this run has not finished training (no adapter_config.json)", where=str(run_dir))
-    return recipe, run_dir
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -135,4 +135,6 @@ class PsipoTrainer(DPOTrainer):
         if self.model.training and self._last_log_time is not None and self._tokens_since_log:
             logs["tokens_per_s"] = self._tokens_since_log / max(now - self._last_log_time, 1e-9)
             self._tokens_since_log, self._last_log_time = 0, now
+        elif "eval_runtime" in logs and self._last_log_time is not None:
+            self._last_log_time += logs["eval_runtime"]  # evaluation time is not training time
         super().log(logs, start_time)

@@ -1,0 +1,555 @@
+"""Pictures of a run's metrics.jsonl: loss, margin h against its target, reward accuracy, drift from the reference.
+
+`write_plots(run_dir)` draws one run into `RUN_DIR/plots/` (one PNG per metric and `overview.png` with all of
+them); `compare_runs` overlays several runs and tabulates their final metrics. Both work on a run still in
+progress: only `recipe.yaml` and `metrics.jsonl` are read. matplotlib is the optional extra `plots` and is
+imported only here, when a picture is drawn; figures are rendered with the Agg canvas (no display, no pyplot
+global state), and every PNG is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+
+from psipo_cli.config import ObjectiveSection, Recipe
+from psipo_cli.errors import UserError
+from psipo_cli.rundir import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, read_metrics
+
+PLOTS_DIR = "plots"
+OVERVIEW = "overview.png"
+ADAPTER_CONFIG = "adapter_config.json"
+DPI = 120
+PANEL_SIZE = (7.5, 4.5)  # inches, one metric per file
+CELL_SIZE = (5.0, 3.6)  # inches per panel in overview.png, small enough that its text stays legible scaled down
+HEADER = 0.8  # inches above the overview's grid for the run's name and description
+FONTS = {"font.size": 12, "axes.titlesize": 13, "axes.labelsize": 12, "legend.fontsize": 10.5}
+TRAIN_STYLE = {"lw": 1.6}
+EVAL_STYLE = {"ls": ":", "lw": 1.3, "marker": "o", "ms": 4.5}
+EMPTY = "—"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass
+class Run:
+    """What the plots need of one run directory."""
+
+    path: Path
+    name: str
+    recipe: Recipe
+    records: list[dict[str, Any]]
+    finished: bool
+
+    @property
+    def objective(self) -> ObjectiveSection:
+        return self.recipe.objective
+
+    @property
+    def objective_label(self) -> str:
+        """'IPO τ=0.5', 'ΨPO (logit) τ=0.1', 'reward model'."""
+        obj = self.objective
+        if obj.loss == "reward":
+            return "reward model"
+        psi = obj.psi if len(obj.psi) <= 20 else obj.psi[:19] + "…"  # Ψ may be an expression in q
+        name = f"ΨPO ({psi})" if obj.loss == "psipo" else obj.loss.upper()
+        return f"{name} τ={obj.tau:g}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} — {self.objective_label}"
+
+    @property
+    def unit(self) -> str:
+        """Unit of h and of the log-ratios: token-mean log-probs are nats per response token."""
+        return "nats/token" if self.objective.logps == "mean" else "nats"
+
+    @property
+    def last_step(self) -> int:
+        return max((int(r["step"]) for r in self.records if _is_number(r.get("step"))), default=0)
+
+    def series(self, split: str, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of `key` in `split`; a step logged twice (a resumed run) keeps its newest value."""
+        by_step: dict[int, float] = {}
+        for record in self.records:
+            if record.get("split") == split and _is_number(record.get("step")) and _is_number(record.get(key)):
+                value = float(record[key])
+                by_step[int(record["step"])] = value if math.isfinite(value) else math.nan
+        steps = sorted(by_step)
+        return steps, [by_step[s] for s in steps]
+
+    def last(self, split: str) -> dict[str, Any]:
+        """The newest record of `split` (empty when there is none)."""
+        return next((r for r in reversed(self.records) if r.get("split") == split), {})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read a run directory, finished or in progress; a UserError if it is not a run or has logged nothing."""
+    from psipo_cli.recipe import load_recipe
+
+    where = str(run_dir)
+    if not run_dir.exists():
+        raise UserError("no such run directory", where=where)
+    if not run_dir.is_dir() or not (run_dir / RECIPE_FILE).is_file():
+        raise UserError(f"not a psipo run directory (no {RECIPE_FILE})", where=where)
+    recipe = load_recipe(run_dir / RECIPE_FILE)
+    records = [r for r in _read_records(run_dir) if isinstance(r, dict)]
+    if not records:
+        raise UserError(f"no metrics logged yet ({METRICS_FILE} is missing or empty): nothing to plot", where=where)
+    name = run_dir.resolve().name
+    # The adapter is saved once training is over, just before the summary (and before finetune draws the plots).
+    finished = any((run_dir / name).is_file() for name in (SUMMARY_FILE, ADAPTER_CONFIG))
+    return Run(run_dir, name, recipe, records, finished)
+
+
+def _read_records(run_dir: Path) -> list[Any]:
+    """metrics.jsonl; a run being written may end in a half-appended line, which is left out."""
+    try:
+        return read_metrics(run_dir)
+    except ValueError:
+        pass
+    path = run_dir / METRICS_FILE
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):  # still being appended
+                break
+            raise UserError(f"line {number} is not JSON", where=str(path)) from None
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Panels: what each picture shows
+
+
+@dataclass(frozen=True)
+class Series:
+    """One curve of a panel: `key` in `split`, its legend label and style (colour only for a single run)."""
+
+    key: str
+    split: str
+    label: str
+    color: str
+    style: dict[str, Any] = field(default_factory=dict)
+
+
+def _common(runs: list[Run], value: Callable[[Run], str], mixed: str) -> str:
+    values = {value(run) for run in runs}
+    return values.pop() if len(values) == 1 else mixed
+
+
+def _loss_title(runs: list[Run]) -> str:
+    formulas = {"dpo": "−log σ(τh)", "ipo": "(h − 1/(2τ))²", "psipo": "(h − h*)²", "reward": "−log σ(r_w − r_l)"}
+    return _common(runs, lambda run: f"loss {formulas[run.objective.loss]}", "loss")
+
+
+def _loss_unit(run: Run) -> str:
+    # DPO and the reward model's losses are log-likelihoods; IPO/ΨPO's are squared margins.
+    return "nats" if run.objective.loss in ("dpo", "reward") else {"nats": "nats²"}.get(run.unit, "nats²/token²")
+
+
+def _margin_title(runs: list[Run]) -> str:
+    if all(run.objective.loss == "reward" for run in runs):
+        return "mean reward margin r_w − r_l"
+    return "mean margin h"
+
+
+def _h(runs: list[Run]) -> str:
+    """The margin's symbol: a reward model's is the difference of its rewards."""
+    return "r_w − r_l" if all(run.objective.loss == "reward" for run in runs) else "h"
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One metric: a file `<stem>.png`, and a panel of overview.png."""
+
+    stem: str
+    title: Callable[[list[Run]], str]
+    ylabel: Callable[[list[Run]], str]
+    series: tuple[Series, ...]
+    decorate: Callable[[Any, list[Run], bool], None] = lambda ax, runs, compare: None
+
+    def has_data(self, run: Run) -> bool:
+        return any(run.series(s.split, s.key)[0] for s in self.series)
+
+
+def _train_eval(key: str) -> tuple[Series, ...]:
+    return (Series(key, "train", "train", "C0", TRAIN_STYLE), Series(key, "eval", "eval", "C1", EVAL_STYLE))
+
+
+def _target_line(ax: Any, runs: list[Run], compare: bool) -> None:
+    """The margin the objective drives h to, as a dashed line; DPO with hard labels and reward models have none."""
+    for i, run in enumerate(runs):
+        target = _target(run)
+        if target is None:
+            continue
+        if run.objective.loss == "ipo":
+            label = f"target 1/(2τ) = {target:.3g}"
+        else:
+            label = f"target h* (mean over pairs) = {target:.3g}"
+        color = f"C{i % 10}" if compare else "black"
+        ax.axhline(target, color=color, ls="--", lw=1.2, alpha=0.9, label=None if compare else label, zorder=1)
+
+
+def _target(run: Run) -> float | None:
+    """The eval target if evaluated (a fixed set, so a constant), else the mean of the train batches' targets."""
+    for split in ("eval", "train"):
+        values = [v for v in run.series(split, "target")[1] if math.isfinite(v)]
+        if values:
+            return values[-1] if split == "eval" else sum(values) / len(values)
+    return None
+
+
+def _chance_line(ax: Any, runs: list[Run], compare: bool) -> None:
+    ax.axhline(0.5, color="0.45", ls="--", lw=1.0, label="chance", zorder=1)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+
+
+def _zero_line(ax: Any, runs: list[Run], compare: bool) -> None:
+    ax.axhline(0.0, color="0.45", lw=0.8, zorder=1)  # the reference itself
+
+
+def _plain_ticks(ax: Any, runs: list[Run], compare: bool) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.2g}"))  # 0.005, 5e-05: no offset text
+
+
+PANELS = (
+    Panel("loss", _loss_title, lambda runs: f"loss ({_common(runs, _loss_unit, 'mixed units')})", _train_eval("loss")),
+    Panel(
+        "margin",
+        _margin_title,
+        lambda runs: f"{_h(runs)} ({_common(runs, lambda run: run.unit, 'mixed units')})",
+        _train_eval("margin"),
+        _target_line,
+    ),
+    Panel(
+        "reward_accuracy",
+        lambda runs: "reward accuracy",
+        lambda runs: f"fraction of pairs with {_h(runs)} > 0",
+        _train_eval("reward_accuracy"),
+        _chance_line,
+    ),
+    Panel(
+        "logps_drift",
+        lambda runs: "drift from the reference (KL proxy)",
+        lambda runs: f"log π − log π_ref ({_common(runs, lambda run: run.unit, 'mixed units')})",
+        (
+            Series("logratio_chosen", "train", "chosen, train", "C2", TRAIN_STYLE),
+            Series("logratio_rejected", "train", "rejected, train", "C3", {**TRAIN_STYLE, "ls": "--"}),
+            Series("logratio_chosen", "eval", "chosen, eval", "C2", EVAL_STYLE),
+            Series("logratio_rejected", "eval", "rejected, eval", "C3", {**EVAL_STYLE, "marker": "v"}),
+        ),
+        _zero_line,
+    ),
+    Panel(
+        "learning_rate",
+        lambda runs: "learning rate",
+        lambda runs: "learning rate",
+        (Series("learning_rate", "train", "train", "C0", TRAIN_STYLE),),
+        _plain_ticks,
+    ),
+    Panel(
+        "throughput",
+        lambda runs: "training throughput",
+        lambda runs: "tokens / s",
+        (Series("tokens_per_s", "train", "train", "C0", TRAIN_STYLE),),
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install 'psipo[plots]'", where="plot") from None
+
+
+def _figure(size: tuple[float, float]) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)  # Agg explicitly: no display, and the user's pyplot backend is left alone
+    return fig
+
+
+def _draw(ax: Any, panel: Panel, runs: list[Run], compare: bool) -> dict[str, Any]:
+    """One panel on `ax`: a single run is coloured by curve; compared runs by run, the curve told by its style.
+
+    Returns the panel's legend entries (label → handle). The caller puts the legend outside the axes, where it
+    can never cover a curve.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    for i, run in enumerate(runs):
+        for s in panel.series:
+            steps, values = run.series(s.split, s.key)
+            if not steps:
+                continue
+            style = {"marker": "o", "ms": 4.5, **s.style} if len(steps) == 1 else s.style  # a lone point shows
+            color = f"C{i % 10}" if compare else s.color
+            ax.plot(steps, values, color=color, label=None if compare else s.label, **style)
+    panel.decorate(ax, runs, compare)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(panel.ylabel(runs))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))  # 0, 10, 20, not 0, 8, 16
+    ax.grid(alpha=0.3)
+    if compare:
+        return _style_entries(panel, runs)
+    handles, labels = ax.get_legend_handles_labels()
+    return dict(zip(labels, handles, strict=True))
+
+
+def _style_entries(panel: Panel, runs: list[Run]) -> dict[str, Any]:
+    """With runs told apart by colour, grey legend entries say which line style is which curve."""
+    from matplotlib.lines import Line2D
+
+    shown = [s for s in panel.series if any(run.series(s.split, s.key)[0] for run in runs)]
+    handles = [Line2D([], [], color="0.35", label=s.label, **s.style) for s in shown]
+    if panel.stem == "margin" and any(_target(run) is not None for run in runs):
+        handles.append(Line2D([], [], color="0.35", ls="--", lw=1.2, label="target (run's colour)"))
+    if panel.stem == "reward_accuracy":
+        handles.append(Line2D([], [], color="0.45", ls="--", lw=1.0, label="chance"))
+    return {handle.get_label(): handle for handle in handles}
+
+
+def _style_legend(fig: Any, entries: dict[str, Any]) -> None:
+    if len(entries) > 1:  # one curve needs no legend
+        fig.legend(entries.values(), entries.keys(), loc="outside right center", frameon=False)
+
+
+def _run_legend(fig: Any, runs: list[Run]) -> None:
+    """Which colour is which run, under the plots, in as many columns as fit the figure's width."""
+    from matplotlib import rcParams
+    from matplotlib.lines import Line2D
+
+    labels = _run_labels(runs)
+    handles = [Line2D([], [], color=f"C{i % 10}", lw=2.5, label=label) for i, label in enumerate(labels)]
+    # A rough width per entry: the line handle and gaps (~1 inch) plus its text at ~0.55 em per character.
+    entry = 1.0 + max(map(len, labels)) * 0.55 * rcParams["legend.fontsize"] / 72
+    cols = max(1, min(len(labels), 3, int(fig.get_figwidth() // entry)))
+    fig.legend(handles=handles, loc="outside lower center", ncols=cols, frameon=False)
+
+
+def _run_labels(runs: list[Run]) -> list[str]:
+    """Run name + objective + τ; with the log-prob aggregation where the runs' units differ."""
+    if len({run.unit for run in runs}) == 1:
+        return [run.label for run in runs]
+    return [f"{run.label}, {run.objective.logps} log-probs ({run.unit})" for run in runs]
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write the PNG under a temporary name in the same directory, then rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write the plot: {err.strerror or err}", where=str(path)) from None
+    return path
+
+
+def _panel_file(panel: Panel, runs: list[Run], out_dir: Path, compare: bool) -> Path:
+    fig = _figure(PANEL_SIZE)
+    ax = fig.add_subplot()
+    _style_legend(fig, _draw(ax, panel, runs, compare))
+    # A figure title, not the axes': the layout keeps it clear of the legend beside the axes.
+    if compare:
+        fig.suptitle(f"{panel.title(runs)}\n{_run_names(runs)}", fontsize=13)
+        _run_legend(fig, runs)
+    else:
+        fig.suptitle(f"{runs[0].label}: {panel.title(runs)}", fontsize=13)
+    return _save(fig, out_dir / f"{panel.stem}.png")
+
+
+def _grid(panels: int) -> tuple[int, int]:
+    """(rows, columns) of overview.png: three to a row, but four (a reward model's) as two by two."""
+    cols = 2 if panels == 4 else min(panels, 3)
+    return math.ceil(panels / cols), cols
+
+
+def overview_size(panels: int) -> tuple[float, float]:
+    """Figure size in inches of overview.png with this many panels."""
+    rows, cols = _grid(panels)
+    return CELL_SIZE[0] * cols, CELL_SIZE[1] * rows + HEADER
+
+
+def _overview(panels: list[Panel], runs: list[Run], out_dir: Path, compare: bool) -> Path:
+    fig = _figure(overview_size(len(panels)))
+    axes = list(fig.subplots(*_grid(len(panels)), squeeze=False).flat)
+    entries: dict[str, Any] = {}
+    for ax, panel in zip(axes, panels, strict=False):
+        for label, handle in _draw(ax, panel, runs, compare).items():
+            entries.setdefault(label, handle)  # "train" looks the same in every panel: list it once
+        ax.set_title(panel.title(runs))
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    _style_legend(fig, entries)
+    if compare:
+        fig.suptitle(_run_names(runs), fontsize=14)
+        _run_legend(fig, runs)
+    else:
+        fig.suptitle(_headline(runs[0]), fontsize=14)
+    return _save(fig, out_dir / OVERVIEW)
+
+
+def _run_names(runs: list[Run]) -> str:
+    """'tiny-ipo vs tiny-dpo' while that stays short; the legend names them all in any case."""
+    names = " vs ".join(run.name for run in runs)
+    return names if len(names) <= 50 else f"{len(runs)} runs"
+
+
+def _headline(run: Run) -> str:
+    """'tiny-ipo — IPO τ=0.5, step 60 of 300 (in progress)' and the recipe's description under it."""
+    max_steps = run.recipe.training.max_steps
+    progress = f"step {run.last_step}" + (f" of {max_steps}" if max_steps > 0 else "")
+    line = f"{run.label}, {progress}" + ("" if run.finished else " (in progress)")
+    return f"{line}\n{run.recipe.description}" if run.recipe.description else line
+
+
+def _draw_all(runs: list[Run], out_dir: Path, compare: bool) -> list[Path]:
+    import matplotlib
+
+    panels = [panel for panel in PANELS if any(panel.has_data(run) for run in runs)]
+    if not panels:
+        raise UserError(f"no plottable metrics in {METRICS_FILE}", where=str(runs[0].path))
+    with matplotlib.rc_context(FONTS):
+        paths = [_panel_file(panel, runs, out_dir, compare) for panel in panels]
+        paths.append(_overview(panels, runs, out_dir, compare))
+    return paths
+
+
+def _make_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError("exists and is not a directory", where=str(path))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the directory: {err.strerror or err}", where=str(path)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def write_plots(run_dir: Path) -> list[Path]:
+    """Draw a run (finished or in progress) into RUN_DIR/plots/: one PNG per metric and overview.png."""
+    run = load_run(Path(run_dir))
+    _require_matplotlib()
+    out_dir = run.path / PLOTS_DIR
+    _make_dir(out_dir)
+    return _draw_all([run], out_dir, compare=False)
+
+
+def compare_runs(run_dirs: list[Path], out_dir: Path, overwrite: bool = False) -> tuple[list[Path], Table]:
+    """Overlay several runs in out_dir (same files as write_plots) and tabulate their final metrics."""
+    runs = _load_runs(run_dirs)
+    _require_matplotlib()
+    _check_out_dir(Path(out_dir), overwrite)
+    _make_dir(Path(out_dir))
+    return _draw_all(runs, Path(out_dir), compare=True), final_metrics_table(runs)
+
+
+def _load_runs(run_dirs: list[Path]) -> list[Run]:
+    if len(run_dirs) < 2:
+        raise UserError("give at least two run directories to compare", where="compare")
+    seen: set[Path] = set()
+    for path in run_dirs:
+        if Path(path).resolve() in seen:
+            raise UserError("given twice", where=str(path))
+        seen.add(Path(path).resolve())
+    runs = [load_run(Path(path)) for path in run_dirs]
+    names = [run.name for run in runs]
+    for run in runs:
+        if names.count(run.name) > 1:  # runs/a/ipo and runs/b/ipo: name them by their parent too
+            run.name = f"{run.path.resolve().parent.name}/{run.name}"
+    return runs
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before drawing anything, to replace plots already in out_dir unless told to."""
+    if overwrite or not out_dir.is_dir():
+        return
+    names = [f"{panel.stem}.png" for panel in PANELS] + [OVERVIEW]
+    existing = [name for name in names if (out_dir / name).exists()]
+    if existing:
+        raise UserError(
+            f"already holds {', '.join(existing)}; pass --overwrite to replace them or choose another --out",
+            where=str(out_dir),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The final-metrics table
+
+TABLE_COLUMNS = (
+    ("loss", "loss"),
+    ("margin", "margin h"),
+    ("target", "target"),
+    ("reward_accuracy", "reward acc."),
+    ("logratio_chosen", "log-ratio chosen"),
+    ("logratio_rejected", "log-ratio rejected"),
+)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4f}" if _is_number(value) else EMPTY
+
+
+def final_metrics_table(runs: list[Run]) -> Table:
+    """Last train and last eval log of each run."""
+    table = Table(
+        title="final metrics: last train and eval logs",
+        caption="log-ratio = log π − log π_ref, the drift from the reference (a KL proxy); unit: of h and log-ratios",
+    )
+    for header in ("run", "objective", "unit", "split", "step"):
+        table.add_column(header, justify="right" if header == "step" else "left")
+    for _, header in TABLE_COLUMNS:
+        table.add_column(header, justify="right")
+    for run in runs:
+        status = "" if run.finished else " (in progress)"
+        for split in ("train", "eval"):
+            record = run.last(split)
+            if not record:
+                continue
+            step = str(record.get("step", EMPTY))
+            cells = [_cell(record.get(key)) for key, _ in TABLE_COLUMNS]
+            table.add_row(run.name + status, run.objective_label, run.unit, split, step, *cells)
+        table.add_section()
+    return table
+
+
+def print_table(table: Table, console: Console) -> None:
+    """Print the table; piped output gets the table's natural width, not rich's 80-column default."""
+    if not console.is_terminal:
+        width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+        console = Console(file=console.file, width=max(width, console.width), highlight=False)
+    console.print(table)
