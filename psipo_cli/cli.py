@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -296,6 +297,7 @@ def main() -> None:
     Usage errors (unknown option, missing argument) are click's own, also exit code 2.
     """
     sys.argv[1:] = resume_path_option(sys.argv[1:])
+    silence_library_noise()
     try:
         app()
     except UserError as err:
@@ -309,6 +311,13 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("stopped at once (second interrupt); the newest complete checkpoint is intact")
         sys.exit(130)
+
+
+def silence_library_noise() -> None:
+    """Keep psipo's output readable: no per-map progress bars from datasets, no deprecation warnings about our
+    pinned libraries' internals (a user cannot act on them). Runs before those libraries are imported."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6", category=FutureWarning)
 
 
 def resume_path_option(args: list[str]) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from accelerate import PartialState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig
@@ -128,6 +129,7 @@ def run(
     run's newest). Under a multi-process launch every process runs this; only the main one writes the run dir.
     """
     display = display or Display("quiet")
+    transformers.utils.logging.disable_progress_bar()  # the weight-loading bar: psipo's banner says what loaded
     state = PartialState()  # brings the process group up (gloo on CPU) before anything is loaded
     prepared = prepare(recipe, overwrite, bool(resume))
     run_dir = Path(recipe.output.dir)
