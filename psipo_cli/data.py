@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import os
-import reprlib
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from datasets import Dataset
 from jinja2 import TemplateError
 
 from psipo_cli.config import Columns, DataSection, DataSource
-from psipo_cli.errors import UserError
+from psipo_cli.errors import UserError, shown
 from psipo_cli.recipe import looks_local
 
 MAX_LISTED_ROWS = 5  # bad rows named in one error line; the total is always given
@@ -40,15 +39,6 @@ class PreferenceData:
     source: str
     rows_read: int
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
-
-
-_SHORT = reprlib.Repr()
-_SHORT.maxstring = _SHORT.maxother = 40  # a 400-digit label or a pasted essay stays a short quote
-_SHORT.maxlevel = 1
-
-
-def _short(value: Any) -> str:
-    return _SHORT.repr(value)
 
 
 class _RowErrors:
@@ -178,20 +168,20 @@ def _soft_label(row: dict[str, Any], columns: Columns) -> tuple[float | None, st
     if columns.label is not None:
         value = row.get(columns.label)
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            return None, f"label '{columns.label}' must be a number in [0, 1], got {_short(value)}"
+            return None, f"label '{columns.label}' must be a number in [0, 1], got {shown(value)}"
         try:
             p_hat = float(value)
         except (ValueError, OverflowError):
-            return None, f"label '{columns.label}' must be a number in [0, 1], got {_short(value)}"
+            return None, f"label '{columns.label}' must be a number in [0, 1], got {shown(value)}"
         if math.isnan(p_hat) or not 0.0 <= p_hat <= 1.0:
-            return None, f"label '{columns.label}' must be in [0, 1], got {_short(value)}"
+            return None, f"label '{columns.label}' must be in [0, 1], got {shown(value)}"
         return p_hat, None
     if columns.votes_chosen is not None and columns.votes_total is not None:
         chosen, total = row.get(columns.votes_chosen), row.get(columns.votes_total)
         try:
             chosen_n, total_n = int(chosen), int(total)  # type: ignore[arg-type]
         except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
-            return None, f"votes must be whole numbers, got {_short(chosen)}/{_short(total)}"
+            return None, f"votes must be whole numbers, got {shown(chosen)}/{shown(total)}"
         if total_n <= 0 or not 0 <= chosen_n <= total_n:
             return None, f"votes must satisfy 0 <= chosen <= total and total > 0, got {chosen_n}/{total_n}"
         return chosen_n / total_n, None
@@ -201,9 +191,9 @@ def _soft_label(row: dict[str, Any], columns: Columns) -> tuple[float | None, st
         try:
             delta = (float(chosen) - float(rejected)) / columns.score_scale  # type: ignore[arg-type]
         except (TypeError, ValueError, OverflowError):  # OverflowError: float() of a 400-digit integer
-            return None, f"scores must be numbers, got {_short(chosen)}/{_short(rejected)}"
+            return None, f"scores must be numbers, got {shown(chosen)}/{shown(rejected)}"
         if math.isnan(delta):
-            return None, f"scores must be numbers, got {_short(chosen)}/{_short(rejected)}"
+            return None, f"scores must be numbers, got {shown(chosen)}/{shown(rejected)}"
         return 1.0 / (1.0 + math.exp(-max(min(delta, 50.0), -50.0))), None
     return None, None
 

@@ -6,6 +6,9 @@ Everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 EXIT_USER_ERROR = 2
 
 
@@ -35,3 +38,14 @@ class RunInterrupted(Exception):
     def __init__(self, message: str, signum: int) -> None:
         self.exit_code = 128 + signum
         super().__init__(message)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 2, 4, 4
+
+
+def shown(value: Any) -> str:
+    """A short repr of an offending value for an error line: bounded in length and depth, so a 10,000-character
+    string, a 400-digit number or a YAML alias bomb (nested lists sharing one object) stays one short line."""
+    return _SHORT.repr(value)

@@ -8,7 +8,6 @@ validate with the schema → resolve local paths to absolute ones. Every failure
 from __future__ import annotations
 
 import difflib
-import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from psipo_cli.config import Recipe
-from psipo_cli.errors import UserError
+from psipo_cli.errors import UserError, shown
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -126,7 +125,7 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if parent is None:
         return raw
     if not isinstance(parent, str):
-        raise UserError(f"extends must be a path to another recipe (got {_shown(parent)})", where=f"{path}: extends")
+        raise UserError(f"extends must be a path to another recipe (got {shown(parent)})", where=f"{path}: extends")
     base_path = path.parent / parent
     if not base_path.exists():
         raise UserError(f"base recipe '{parent}' not found (looked at {base_path})", where=f"{path}: extends")
@@ -202,15 +201,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], cwd: Path) -> dic
     return raw
 
 
-def _shown(value: Any) -> str:
-    """A short repr of an offending value: bounded in length and depth, so a 10,000-character string or a YAML
-    alias bomb (nested lists sharing one object) still gives one short line, in bounded time."""
-    short = reprlib.Repr()
-    short.maxstring = short.maxother = 60
-    short.maxlevel, short.maxlist, short.maxdict = 2, 4, 4
-    return short.repr(value)
-
-
 def format_validation_error(err: ValidationError) -> UserError:
     """The first schema error as one line naming the key path, with a did-you-mean for unknown keys."""
     first = err.errors()[0]
@@ -224,7 +214,7 @@ def format_validation_error(err: ValidationError) -> UserError:
     message = first["msg"].removeprefix("Value error, ")
     if not loc:  # a cross-field rule: its message names the keys itself
         return UserError(f"{message}{more}")
-    return UserError(f"{message} (got {_shown(first.get('input'))}){more}", where=where)
+    return UserError(f"{message} (got {shown(first.get('input'))}){more}", where=where)
 
 
 def validate(raw: dict[str, Any]) -> Recipe:
