@@ -20,21 +20,33 @@ from psipo_cli.errors import UserError, shown
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+def _reject_duplicate_keys(text: str) -> None:
+    """PyYAML keeps the last of two equal keys silently; a recipe with both is refused, naming the line.
+
+    Checked on the composed node tree (no objects are built): each node once, so aliases cannot multiply the work.
+    """
+    stack, visited = [yaml.compose(text, Loader=yaml.SafeLoader)], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            _check_keys(node)
+            stack += [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
 
 
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set[Any] = set()
+def _check_keys(node: yaml.MappingNode) -> None:
+    keys: set[tuple[str, str]] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise UserError(f"duplicate key '{key}'", where=f"line {key_node.start_mark.line + 1}")
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = (key_node.tag, key_node.value)
+        if key in keys:
+            raise UserError(f"duplicate key '{key_node.value}'", where=f"line {key_node.start_mark.line + 1}")
+        keys.add(key)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -42,7 +54,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError("recipe file not found" if not path.exists() else "recipe path is not a file", where=str(path))
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
+        text = path.read_text(encoding="utf-8")
+        _reject_duplicate_keys(text)
+        data = yaml.safe_load(text)
     except UserError as err:
         raise UserError(str(err), where=str(path)) from None
     except UnicodeDecodeError:
