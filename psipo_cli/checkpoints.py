@@ -20,7 +20,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from psipo_cli.errors import UserError
-from psipo_cli.rundir import METRICS_FILE, read_metrics, write_atomic
+from psipo_cli.rundir import METRICS_FILE, read_metrics, write_atomic, write_jsonl_atomic
 
 COMPLETE_MARK = "psipo-complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -62,8 +62,7 @@ def prepare_resume(run_dir: Path, checkpoint: Path) -> None:
     for partial in checkpoints(run_dir, complete=False):
         shutil.rmtree(partial, ignore_errors=True)
     if (run_dir / METRICS_FILE).exists():
-        kept = [m for m in read_metrics(run_dir) if m["step"] <= step]
-        write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
+        write_jsonl_atomic(run_dir / METRICS_FILE, [m for m in read_metrics(run_dir) if m["step"] <= step])
 
 
 class MarkComplete(TrainerCallback):

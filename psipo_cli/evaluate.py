@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from psipo_cli.forward import ConcatenatedForward, PrefixSharedForward
 from psipo_cli.modeling import load_policy, load_tokenizer
 from psipo_cli.objectives import margin, pair_losses, sequence_logps
 from psipo_cli.recipe import load_recipe
-from psipo_cli.rundir import RECIPE_FILE, resolve_run, write_atomic
+from psipo_cli.rundir import RECIPE_FILE, resolve_run, write_atomic, write_jsonl_atomic
 
 EVAL_DIR = "eval"
 PAIRS_FILE = "pairs.jsonl"
@@ -475,11 +474,7 @@ def sample_and_score(
 def write_outputs(outputs: Outputs, scores: PairScores, summary: dict[str, Any]) -> None:
     """pairs.jsonl, then summary.json; each written to a temporary name and renamed, so neither is half-written."""
     outputs.pairs.parent.mkdir(parents=True, exist_ok=True)
-    tmp = outputs.pairs.with_name(f".{outputs.pairs.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for record in pair_records(scores):
-            handle.write(json.dumps(record) + "\n")
-    os.replace(tmp, outputs.pairs)
+    write_jsonl_atomic(outputs.pairs, pair_records(scores))
     write_atomic(outputs.summary, json.dumps(summary, indent=2) + "\n")
 
 

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +26,14 @@ from psipo_cli.data import ChatRenderer
 from psipo_cli.errors import UserError
 from psipo_cli.modeling import describe_reference, load_policy, load_tokenizer
 from psipo_cli.recipe import looks_local
-from psipo_cli.rundir import SUMMARY_FILE, library_versions, read_metrics, resolve_run, write_atomic
+from psipo_cli.rundir import (
+    SUMMARY_FILE,
+    check_writable,
+    library_versions,
+    read_metrics,
+    resolve_run,
+    write_atomic,
+)
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
 CARD_FILE = "README.md"
@@ -91,12 +97,7 @@ def _check_merge_target(out: Path, overwrite: bool) -> None:
             raise UserError(
                 "is not empty and holds no saved model (no config.json); refusing to delete it", where=where
             )
-    parent = next(p for p in out.parents if p.exists())
-    try:  # os.access says yes to root even on a read-only mount: try it
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as err:
-        raise UserError(f"{parent} is not writable ({err.strerror})", where=where) from None
+    check_writable(out.parent, where)  # the model is written to a sibling of out, then renamed
 
 
 def merge_dtype(recipe: Recipe, requested: str | None) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +10,7 @@ from psipo_cli.data import validated_rows
 from psipo_cli.errors import UserError
 from psipo_cli.modeling import load_tokenizer
 from psipo_cli.reward import load_reward_model, preference_probability, score
-from psipo_cli.rundir import require_trained, resolve_run
+from psipo_cli.rundir import require_trained, resolve_run, write_jsonl_atomic
 
 
 @dataclass
@@ -53,14 +51,6 @@ def label_file(target: Path, data: str, out: Path, column: str = "p_hat", overwr
     chosen = score(model, tokenizer, [(row["prompt"], row["chosen"]) for _, row in pairs])
     rejected = score(model, tokenizer, [(row["prompt"], row["rejected"]) for _, row in pairs])
     labels = [preference_probability(c, r) for c, r in zip(chosen, rejected, strict=True)]
-    _write_jsonl(out, [{**original, column: p_hat} for (original, _), p_hat in zip(pairs, labels, strict=True)])
+    write_jsonl_atomic(out, [{**original, column: p_hat} for (original, _), p_hat in zip(pairs, labels, strict=True)])
     agreement = sum(p > 0.5 for p in labels) / len(labels)
     return LabelReport(len(labels), sum(labels) / len(labels), agreement, out)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # never a half-written labelled file

@@ -9,7 +9,6 @@ global state), and every PNG is written to a temporary name and renamed.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -108,34 +107,13 @@ def load_run(run_dir: Path) -> Run:
     if not run_dir.is_dir() or not (run_dir / RECIPE_FILE).is_file():
         raise UserError(f"not a psipo run directory (no {RECIPE_FILE})", where=where)
     recipe = load_recipe(run_dir / RECIPE_FILE)
-    records = [r for r in _read_records(run_dir) if isinstance(r, dict)]
+    records = [r for r in read_metrics(run_dir) if isinstance(r, dict)]
     if not records:
         raise UserError(f"no metrics logged yet ({METRICS_FILE} is missing or empty): nothing to plot", where=where)
     name = run_dir.resolve().name
     # The adapter is saved once training is over, just before the summary (and before finetune draws the plots).
     finished = any((run_dir / name).is_file() for name in (SUMMARY_FILE, ADAPTER_CONFIG))
     return Run(run_dir, name, recipe, records, finished)
-
-
-def _read_records(run_dir: Path) -> list[Any]:
-    """metrics.jsonl; a run being written may end in a half-appended line, which is left out."""
-    try:
-        return read_metrics(run_dir)
-    except ValueError:
-        pass
-    path = run_dir / METRICS_FILE
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if number == len(lines):  # still being appended
-                break
-            raise UserError(f"line {number} is not JSON", where=str(path)) from None
-    return records
 
 
 # ---------------------------------------------------------------------------------------------------------------

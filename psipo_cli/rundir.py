@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,11 @@ def check_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
         )
     if overwrite and path.is_dir() and any(path.iterdir()) and not (path / RECIPE_FILE).exists():
         raise UserError(f"{path} is not empty and is not a psipo run; refusing to delete it", where=where)
+    check_writable(path, where)
+
+
+def check_writable(path: Path, where: str) -> None:
+    """`path` can be created or written: a temporary file goes into its nearest existing ancestor."""
     parent = _existing_ancestor(path)
     try:  # os.access says yes to root even on a read-only mount: try it
         with tempfile.TemporaryFile(dir=parent):
@@ -87,6 +93,15 @@ def create_run_dir(path: Path, overwrite: bool) -> None:
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[Any]) -> None:
+    """One JSON object per line, written to a temporary name and renamed: the file is complete or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -133,10 +148,23 @@ def require_trained(run_dir: Path) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records. A run being written, or killed mid-append, may end in a half line: it is left out
+    (resume logs that step again); a bad line anywhere else is the file's problem."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                break
+            raise UserError(f"line {number} is not JSON", where=str(path)) from None
+    return records
 
 
 # Trainer's closing log line (train_runtime, train_loss, ...) is a summary, not a step: it goes to summary.json.

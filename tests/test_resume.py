@@ -85,6 +85,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(straight: Path, tmp_pat
     proc.wait()
     assert not (run_dir / "summary.json").exists(), "the run finished before it was killed: the test proves nothing"
     killed_at = max(m["step"] for m in read_metrics(run_dir))
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as metrics:
+        metrics.write('{"step": 9999, "split": "tr')  # a line the kill cut short
     # A checkpoint torn by the kill: all files there but the completion mark. Resume must not trust it.
     torn = run_dir / "checkpoint-999"
     shutil.copytree(checkpoints(run_dir)[-1], torn)
