@@ -85,6 +85,9 @@ def dpo_config(recipe: Recipe, has_eval: bool) -> DPOConfig:
 def build_trainer(prepared: Prepared, model: Any = None) -> Any:
     """The trainer for a prepared run; `model` (e.g. a reloaded PeftModel) replaces loading the recipe's."""
     recipe, tokenizer = prepared.recipe, prepared.tokenizer
+    # Seed before any model is built: a reward model's fresh scalar head is drawn while loading, before the
+    # Trainer seeds itself, so without this it depended on whatever ran earlier in the process.
+    transformers.set_seed(recipe.training.seed)
     if recipe.objective.loss == "reward":
         evaluation = prepared.eval.dataset if prepared.eval else None
         return build_reward_trainer(recipe, tokenizer, prepared.train.dataset, evaluation, model)

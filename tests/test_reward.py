@@ -29,7 +29,7 @@ def reward_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 
 def test_reward_model_beats_chance_on_held_out_pairs(reward_run) -> None:
     summary, run_dir = reward_run
-    assert summary["final_eval"]["reward_accuracy"] > 0.6  # chance is 0.5; measured 0.69
+    assert summary["final_eval"]["reward_accuracy"] > 0.6  # chance is 0.5; measured 0.63 (seed 0)
     assert "Bradley–Terry" in summary["reference"]
     first, last = (m["loss"] for m in (read_metrics(run_dir)[0], summary["final_train"]))
     assert last < first
