@@ -208,10 +208,12 @@ class TrainingSection(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     optim: str = Field("adamw_torch", description="Optimizer name as transformers knows it (e.g. paged_adamw_8bit).")
     dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
-    prefix_sharing: bool = Field(
-        True,
-        description="Compute each pair's prompt once: one [prompt | chosen | rejected] row with a 4-D attention mask "
-        "(exact). Off: TRL's layout, prompt computed twice.",
+    prefix_sharing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Compute each pair's prompt once: one [prompt | chosen | rejected] row with a 4-D attention mask. "
+        "auto: checked against TRL's concatenated layout on the first batch, falling back to it (and saying so) if "
+        "the model does not give the same log-probs; true: the same check, but a mismatch stops the run; false: TRL's "
+        "layout, prompt computed twice.",
     )
 
     @model_validator(mode="after")
@@ -308,10 +310,10 @@ class Recipe(Section):
                 f"objective.psi: a non-linear Ψ ('{self.objective.psi}') needs probability estimates; "
                 "set data.columns.label (or votes_chosen/votes_total)"
             )
-        if self.training.prefix_sharing and self.model.attn_implementation == "flash_attention_2":
+        if self.training.prefix_sharing is True and self.model.attn_implementation == "flash_attention_2":
             raise ValueError(
                 "training.prefix_sharing needs an attention kernel that takes a 4-D mask (eager, sdpa, "
-                "flex_attention); set training.prefix_sharing: false to use flash_attention_2"
+                "flex_attention); set training.prefix_sharing: auto or false to use flash_attention_2"
             )
         if self.model.quantization != "none" and self.model.dtype == "float16" and self.training.bf16:
             raise ValueError("model.dtype: float16 weights with training.bf16 mix precisions; pick one")

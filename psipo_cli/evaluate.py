@@ -29,7 +29,8 @@ from trl.trainer.utils import add_fused_lm_head, use_adapter
 from psipo_cli.config import DataSource, Recipe
 from psipo_cli.data import PreferenceData, load_pairs
 from psipo_cli.errors import UserError
-from psipo_cli.forward import ConcatenatedForward, PrefixSharedForward
+from psipo_cli.forward import ConcatenatedForward
+from psipo_cli.layout_check import forward_step_for
 from psipo_cli.modeling import load_policy, load_tokenizer
 from psipo_cli.objectives import margin, pair_losses, sequence_logps
 from psipo_cli.recipe import load_recipe
@@ -215,7 +216,7 @@ def _batches(dataset: Any, size: int) -> Iterator[list[dict[str, Any]]]:
 @torch.no_grad()
 def score_pairs(model: Any, reference: ReferenceContext, dataset: Any, recipe: Recipe, pad_token_id: int) -> PairScores:
     """Policy and reference log-probs of every pair through the trainer's forward step, then the objective."""
-    forward = PrefixSharedForward() if recipe.training.prefix_sharing else ConcatenatedForward()
+    forward = forward_step_for(recipe.training.prefix_sharing, pad_token_id)
     collate = forward.collator(pad_token_id, recipe.data.max_length)
     how = recipe.objective.logps or "sum"
     parts: dict[str, list[Tensor]] = {}

@@ -24,8 +24,9 @@ from psipo_cli.data import PreferenceData, load_pairs
 from psipo_cli.distributed import deepspeed_config, prepare_zero3_init
 from psipo_cli.errors import RunInterrupted, UserError
 from psipo_cli.export import finish_run_exports
-from psipo_cli.forward import ConcatenatedForward, PrefixSharedForward
-from psipo_cli.modeling import attach_adapter, describe_reference, load_base_model, load_tokenizer
+from psipo_cli.layout_check import forward_step_for, layout_summary
+from psipo_cli.modeling import attach_adapter, describe_reference, disable_base_dropout, load_base_model, load_tokenizer
+from psipo_cli.reference import reference_key
 from psipo_cli.report import Display
 from psipo_cli.reward import build_reward_trainer
 from psipo_cli.rundir import (
@@ -71,12 +72,12 @@ def dpo_config(recipe: Recipe, has_eval: bool) -> DPOConfig:
         report_to=[r for r in recipe.output.report_to if r != "none"] or "none",
         max_length=recipe.data.max_length,
         truncation_mode="keep_start",
-        precompute_ref_log_probs=recipe.objective.precompute_ref_log_probs,
+        precompute_ref_log_probs=False,  # psipo precomputes after the trainer is built (reference.py)
         beta=recipe.objective.tau,  # unused by psipo's loss; kept so TRL's model card states τ
         eval_strategy="steps" if has_eval else "no",
         eval_steps=recipe.training.eval_steps or recipe.training.logging_steps,
         save_strategy="steps",
-        disable_dropout=True,
+        disable_dropout=False,  # TRL's would zero adapter.dropout too; modeling.disable_base_dropout spares it
         use_cpu=not torch.cuda.is_available(),
         **training,
     )
@@ -98,8 +99,8 @@ def build_trainer(prepared: Prepared, model: Any = None) -> Any:
     peft_config = None
     if model is None:
         model, peft_config = attach_adapter(load_base_model(recipe), recipe.adapter)
-    forward = PrefixSharedForward() if recipe.training.prefix_sharing else ConcatenatedForward()
-    return PsipoTrainer(
+    forward = forward_step_for(recipe.training.prefix_sharing, tokenizer.pad_token_id)
+    trainer = PsipoTrainer(
         model=model,
         args=args,
         data_collator=forward.collator(tokenizer.pad_token_id, recipe.data.max_length),
@@ -110,6 +111,12 @@ def build_trainer(prepared: Prepared, model: Any = None) -> Any:
         objective=recipe.objective,
         forward_step=forward,
     )
+    disable_base_dropout(trainer.model)
+    if recipe.objective.precompute_ref_log_probs:
+        splits = {"train": prepared.train, "eval": prepared.eval}
+        keys = {name: reference_key(recipe, tokenizer, data.fingerprint) for name, data in splits.items() if data}
+        trainer.reference_cache_hits = trainer.precompute_reference(keys)
+    return trainer
 
 
 def save_adapter(trainer: Any, run_dir: Path) -> None:
@@ -149,6 +156,7 @@ def run(
                 prepare_resume(run_dir, checkpoint)
             write_recipe(run_dir, recipe)
         state.wait_for_everyone()
+        trainer.check_layout()  # before the banner, which reports it (a no-op once the precompute ran it)
         display.banner(trainer, prepared)
         for callback in (ProgressCallback, PrinterCallback):  # psipo's display replaces the Trainer's tqdm/prints
             trainer.remove_callback(callback)
@@ -224,6 +232,8 @@ def summarize(trainer: PsipoTrainer, prepared: Prepared, train_metrics: dict, ru
             "logps": objective.logps,
         },
         "reference": describe_reference(prepared.recipe),
+        "reference_cache_hits": getattr(trainer, "reference_cache_hits", None),
+        "layout": layout_summary(getattr(trainer, "forward_step", None)),
         "steps": trainer.state.global_step,
         "runtime_s": round(runtime, 2),
         "train_pairs": len(prepared.train.dataset),

@@ -3,7 +3,8 @@
 A forward step owns both the batch layout (its collator) and the model call that reads it, so the
 trainer can swap layouts (e.g. a prefix-shared `[prompt | chosen | rejected]` row) without touching the
 loss. Every step returns summed log-probs and response lengths; aggregation (sum or mean) happens in
-`objectives.sequence_logps`, the same for policy and reference.
+`objectives.sequence_logps`, the same for policy and reference. `layout_check.CheckedForward` guards the
+prefix-shared layout with a comparison against the concatenated one on the user's own model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ import torch
 from torch import Tensor
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from psipo_cli.masks import UnsupportedLayout, attention_masks, model_config
+
+PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1  # `branch` of a token in a shared row
+# `visible`: the branches that may attend to a token, one bit per branch (see masks.py).
+SEEN_BY_ALL, SEEN_BY_PROMPT_AND_CHOSEN = 0b111, 0b011
+
 
 @dataclass
 class PairLogps:
@@ -24,17 +31,30 @@ class PairLogps:
     rejected: Tensor  # (B,)
     chosen_tokens: Tensor  # (B,)
     rejected_tokens: Tensor  # (B,)
+    router_aux_loss: Tensor | None = None  # () MoE load balancing, already times router_aux_loss_coef
 
 
 class ForwardStep(Protocol):
     def collator(self, pad_token_id: int, max_length: int | None) -> Any:
         """The collator producing the batches this step reads."""
 
-    def __call__(self, model: Any, inputs: dict[str, Tensor]) -> PairLogps:
-        """Per-sequence log-probs of chosen and rejected under `model` (policy or reference)."""
+    def __call__(self, model: Any, inputs: dict[str, Tensor], router_aux: bool = False) -> PairLogps:
+        """Per-sequence log-probs of chosen and rejected under `model` (policy or reference); with `router_aux`, an
+        MoE model's load-balancing loss too (the policy pass only, as TRL does)."""
 
     def count_tokens(self, inputs: dict[str, Tensor]) -> Tensor:
         """Real tokens of the batch, prompt counted once: prompt + chosen + rejected, padding excluded."""
+
+
+def router_aux_coef(model: Any) -> float:
+    """The MoE load-balancing coefficient TRL's DPOTrainer applies (0.0 for dense models)."""
+    text = model_config(model).get_text_config()
+    return getattr(text, "router_aux_loss_coef", 0.0) if hasattr(text, "output_router_logits") else 0.0
+
+
+def _router_kwargs(model: Any, router_aux: bool) -> dict[str, Any]:
+    # Explicit either way: the fused head turns router logits on whenever the config says so.
+    return {"output_router_logits": router_aux} if router_aux_coef(model) else {}
 
 
 @dataclass
@@ -54,7 +74,7 @@ class ConcatenatedForward:
     def collator(self, pad_token_id: int, max_length: int | None) -> PreferenceCollator:
         return PreferenceCollator(pad_token_id=pad_token_id, max_length=max_length, truncation_mode="keep_start")
 
-    def __call__(self, model: Any, inputs: dict[str, Tensor]) -> PairLogps:
+    def __call__(self, model: Any, inputs: dict[str, Tensor], router_aux: bool = False) -> PairLogps:
         completion_mask = inputs["completion_mask"]  # (2B, L)
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         # TRL's fused LM head scores only labelled positions, in chunks, never materialising (2B, L, V) logits.
@@ -64,13 +84,15 @@ class ConcatenatedForward:
             labels=labels,
             fused_lm_head=True,
             use_cache=False,
+            **_router_kwargs(model, router_aux),
         )
         shift_mask = completion_mask[:, 1:]  # (2B, L-1): position t predicts token t+1
         logps = out.log_probs[:, -shift_mask.size(1) :].sum(dim=1)  # (2B,)
         tokens = shift_mask.sum(dim=1)  # (2B,)
         chosen, rejected = logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
-        return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens)
+        aux = out.aux_loss * router_aux_coef(model) if router_aux and out.aux_loss is not None else None
+        return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens, aux)
 
     def count_tokens(self, inputs: dict[str, Tensor]) -> Tensor:
         attention_chosen, _ = inputs["attention_mask"].chunk(2)  # prompt + chosen
@@ -81,35 +103,32 @@ class ConcatenatedForward:
 def _pair_layout(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict[str, Tensor]:
     """One pair as a single row `[prompt | chosen | p' | rejected]` (see PrefixSharedForward), unpadded."""
     p, c, r = len(prompt), len(chosen), len(rejected)
-    ids = torch.tensor(prompt + chosen + prompt[-1:] + rejected)  # (n,), n = p + c + 1 + r
-    positions = torch.tensor([*range(p + c), p - 1, *range(p, p + r)])
-    segment = torch.tensor([0] * p + [1] * c + [2] * (1 + r))  # 0 prompt, 1 chosen, 2 p' and rejected
-    n = ids.numel()
-    # Position t predicts the next token of its own branch: p−1 -> chosen[0], p' -> rejected[0].
+    n = p + c + 1 + r
     labels = torch.full((n,), -100)
+    # Position t predicts the next token of its own branch: p−1 -> chosen[0], p' -> rejected[0].
     labels[p - 1 : p - 1 + c] = torch.tensor(chosen)  # positions p−1 … p+c−2
     labels[p + c : p + c + r] = torch.tensor(rejected)  # p' … the second-to-last rejected token
     chosen_mask = torch.zeros(n, dtype=torch.bool)
     chosen_mask[p - 1 : p + c - 1] = True
     rejected_mask = torch.zeros(n, dtype=torch.bool)
     rejected_mask[p + c : p + c + r] = True
-    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    seen = (j <= i) & ((segment[j] == 0) | (segment[j] == segment[i]))
-    seen &= ~((segment[i] == 2) & (j == p - 1))  # the rejected branch sees p' instead of the prompt's last token
+    visible = [SEEN_BY_ALL] * (p - 1) + [SEEN_BY_PROMPT_AND_CHOSEN] + [1 << CHOSEN] * c + [1 << REJECTED] * (1 + r)
     return {
-        "ids": ids,
-        "positions": positions,
+        "ids": torch.tensor(prompt + chosen + prompt[-1:] + rejected),
+        "positions": torch.tensor([*range(p + c), p - 1, *range(p, p + r)]),
+        "branch": torch.tensor([PROMPT] * p + [CHOSEN] * c + [REJECTED] * (1 + r), dtype=torch.int8),
+        "visible": torch.tensor(visible, dtype=torch.int8),
         "labels": labels,
         "chosen": chosen_mask,
         "rejected": rejected_mask,
-        "mask": seen,
         "prompt_length": torch.tensor(p),
     }
 
 
 @dataclass
 class PrefixSharedCollator:
-    """Pairs as `[prompt | chosen | p' | rejected]` rows with a 4-D attention mask, right-padded.
+    """Pairs as `[prompt | chosen | p' | rejected]` rows described per token (masks.py builds the attention mask
+    on the model's device), right-padded.
 
     Truncation matches TRL's `keep_start` on each `[prompt | response]` sequence, so both layouts score the
     same tokens.
@@ -124,10 +143,11 @@ class PrefixSharedCollator:
         batch: dict[str, Any] = {
             "input_ids": _stack(rows, "ids", width, self.pad_token_id),
             "position_ids": _stack(rows, "positions", width, 0),
+            "branch": _stack(rows, "branch", width, PADDING),
+            "visible": _stack(rows, "visible", width, 0),
             "shift_labels": _stack(rows, "labels", width, -100),
             "chosen_mask": _stack(rows, "chosen", width, False),
             "rejected_mask": _stack(rows, "rejected", width, False),
-            "attention_mask": _stack_masks(rows, width),  # (B, 1, L, L) bool, True = may attend
             "prompt_lengths": torch.stack([row["prompt_length"] for row in rows]),
         }
         for key in ("ref_chosen_logps", "ref_rejected_logps", "p_hat"):
@@ -150,15 +170,6 @@ def _stack(rows: list[dict[str, Tensor]], key: str, width: int, fill: Any) -> Te
     return out
 
 
-def _stack_masks(rows: list[dict[str, Tensor]], width: int) -> Tensor:
-    # Padding positions attend to themselves only, so no softmax row is empty (no NaN); nothing reads them.
-    out = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)
-    for b, row in enumerate(rows):
-        n = row["ids"].numel()
-        out[b, :n, :n] = row["mask"]
-    return out[:, None]  # (B, 1, L, L)
-
-
 class PrefixSharedForward:
     """Prompt computed once per pair: one row `[prompt | chosen | p' | rejected]` and one model call.
 
@@ -166,22 +177,26 @@ class PrefixSharedForward:
     token at that token's position, which sees the prompt minus its last token and itself: its hidden states
     (and so its keys and values) equal the original's at every layer, so the rejected tokens attend to exactly
     the keys they would see in `[prompt | rejected]`, and p' predicts rejected[0] as the prompt's last token
-    would. Position ids of the rejected branch continue from the prompt's end. The result equals the
-    concatenated layout up to float summation order, for one extra token per pair instead of a second prompt.
-    Needs an attention kernel that takes a 4-D mask (eager, sdpa, flex_attention), not flash_attention_2.
+    would. Position ids of the rejected branch continue from the prompt's end, and sliding windows are measured on
+    them. The result equals the concatenated layout up to float summation order, for one extra token per pair
+    instead of a second prompt. Raises `UnsupportedLayout` where that cannot hold.
     """
 
     def collator(self, pad_token_id: int, max_length: int | None) -> PrefixSharedCollator:
         return PrefixSharedCollator(pad_token_id=pad_token_id, max_length=max_length)
 
-    def __call__(self, model: Any, inputs: dict[str, Tensor]) -> PairLogps:
+    def __call__(self, model: Any, inputs: dict[str, Tensor], router_aux: bool = False) -> PairLogps:
+        if router_aux and router_aux_coef(model):
+            # transformers' load-balancing loss reads a (B, L) padding mask; a shared row has a 4-D one.
+            raise UnsupportedLayout("the MoE router balancing loss needs the concatenated layout")
         out = model(
             input_ids=inputs["input_ids"],
-            attention_mask=_attention_mask(model, inputs["attention_mask"]),
+            attention_mask=attention_masks(model, inputs["branch"], inputs["visible"], inputs["position_ids"]),
             position_ids=inputs["position_ids"],
             shift_labels=inputs["shift_labels"],  # already aligned: position t's own next token
             fused_lm_head=True,
             use_cache=False,
+            **_router_kwargs(model, False),
         )
         logps = out.log_probs  # (B, L), zero where the label is -100
         chosen_mask, rejected_mask = inputs["chosen_mask"], inputs["rejected_mask"]
@@ -196,11 +211,28 @@ class PrefixSharedForward:
         return inputs["prompt_lengths"].sum() + inputs["chosen_mask"].sum() + inputs["rejected_mask"].sum()
 
 
-def _attention_mask(model: Any, allowed: Tensor) -> Tensor:
-    """SDPA and flex take the boolean mask; eager adds it to the scores, so it gets 0 / −inf (as float32)."""
-    config = getattr(model, "config", None) or model.module.config
-    if getattr(config, "_attn_implementation", "sdpa") == "eager":
-        return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(torch.float32).min
-        )
-    return allowed
+def concatenated_from_shared(inputs: dict[str, Tensor], pad_token_id: int) -> dict[str, Tensor]:
+    """The same pairs in the concatenated layout (what `ConcatenatedForward` reads), built from a shared batch.
+
+    The shared collator already truncated as TRL does, so both layouts hold the same tokens; this is how the
+    self-check compares them and how a run falls back without changing its collator or data loader.
+    """
+    ids, branch = inputs["input_ids"], inputs["branch"]
+    sequences, completions = [], []
+    for side in (CHOSEN, REJECTED):
+        for b in range(ids.size(0)):
+            prompt = ids[b][branch[b] == PROMPT]
+            response = ids[b][branch[b] == side][1 if side == REJECTED else 0 :]  # drop p'
+            sequences.append(torch.cat([prompt, response]))
+            completions.append(torch.cat([torch.zeros_like(prompt), torch.ones_like(response)]))
+    width = max(s.numel() for s in sequences)
+    out = {
+        "input_ids": ids.new_full((len(sequences), width), pad_token_id),
+        "attention_mask": ids.new_zeros((len(sequences), width)),
+        "completion_mask": ids.new_zeros((len(sequences), width)),
+    }
+    for row, (sequence, completion) in enumerate(zip(sequences, completions, strict=True)):
+        out["input_ids"][row, : sequence.numel()] = sequence
+        out["attention_mask"][row, : sequence.numel()] = 1
+        out["completion_mask"][row, : sequence.numel()] = completion
+    return out

@@ -107,6 +107,21 @@ def attach_adapter(model: PreTrainedModel, adapter: AdapterSection) -> tuple[Any
         raise UserError(f"cannot load adapter ({_first_line(err)})", where="adapter.init_from") from None
 
 
+def disable_base_dropout(model: Any) -> None:
+    """Zero every dropout except the trained adapter's own (`adapter.dropout`).
+
+    The base model's dropout would make the policy and the adapter-off reference differ at random, and a frozen
+    "ref" adapter copy must be deterministic too; TRL's `disable_dropout` zeroes everything, LoRA's dropout included.
+    """
+    active = getattr(model, "active_adapter", None)
+    keep = f"lora_dropout.{active}" if isinstance(active, str) else None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and not (keep and name.endswith(keep)):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # functional dropout in attention
+            module.attention_dropout = 0.0
+
+
 def load_policy(recipe: Recipe, run_dir: Path) -> Any:
     """A finished run's policy for inference: the recipe's base model with the run's trained adapter, eval mode.
 

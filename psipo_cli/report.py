@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from transformers import TrainerCallback
 
+from psipo_cli.layout_check import describe_layout
 from psipo_cli.modeling import describe_reference
 
 Mode = Literal["rich", "plain", "quiet"]
@@ -58,6 +59,8 @@ def banner_lines(trainer: Any, prepared: Any) -> list[str]:
         f"data       {len(prepared.train.dataset):,} train pairs"
         + (f", {len(prepared.eval.dataset):,} eval pairs" if prepared.eval else ""),
     ]
+    if hasattr(trainer, "forward_step"):  # a reward model scores single rows: no pair layout
+        lines.append(f"layout     {describe_layout(trainer.forward_step)}")
     if recipe.model.trust_remote_code:
         lines.append("trust_remote_code is ON: this model's own Python code runs")
     lines += [f"dropped    {count} pairs: {reason}" for reason, count in prepared.train.dropped.items()]

@@ -1,9 +1,9 @@
 """`PsipoTrainer`: TRL's DPOTrainer with psipo's objectives, through public hooks only.
 
-TRL keeps data preparation, the collator contract, reference precomputation, DeepSpeed/FSDP handling and
-the training loop. psipo replaces `compute_loss` (the loss step), `compute_ref_log_probs` (the reference
-pass, also used by TRL's precompute), `prediction_step` and `log` (metrics). The loss math lives in
-`psipo_cli.objectives`; the batch layout in a `ForwardStep`.
+TRL keeps data preparation, the collator contract, DeepSpeed/FSDP handling and the training loop. psipo
+replaces `compute_loss` (the loss step), `compute_ref_log_probs` (the reference pass), `prediction_step` and `log`
+(metrics), and precomputes the reference itself (`reference.py`, cached by what determines it). The loss math
+lives in `psipo_cli.objectives`; the batch layout in a `ForwardStep`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from trl.trainer.utils import use_adapter
 
 from psipo_cli.config import ObjectiveSection
 from psipo_cli.forward import ConcatenatedForward, ForwardStep, PairLogps
+from psipo_cli.layout_check import CheckedForward
 from psipo_cli.objectives import margin, pair_losses, sequence_logps
+from psipo_cli.reference import reference_model, with_reference
 
 
 class PsipoTrainer(DPOTrainer):
@@ -48,6 +50,30 @@ class PsipoTrainer(DPOTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
 
+    def precompute_reference(self, keys: dict[str, str]) -> dict[str, bool]:
+        """Add the reference log-prob columns to the train (and eval) data; {split: read from psipo's cache}."""
+        self.precompute_ref_logps = True  # TRL reads it: a dataset passed to evaluate() is precomputed too
+        model, hits = reference_model(self), {}
+        batch = self.args.per_device_train_batch_size
+        self.train_dataset, hits["train"] = with_reference(self, model, self.train_dataset, keys["train"], batch)
+        if self.eval_dataset is not None:
+            batch = self.args.per_device_eval_batch_size
+            self.eval_dataset, hits["eval"] = with_reference(self, model, self.eval_dataset, keys["eval"], batch)
+        return hits
+
+    def check_layout(self) -> None:
+        """Run the prefix-sharing self-check on the first training batch now, so the banner can report it.
+
+        Under DeepSpeed the model only runs inside the engine that `train()` builds: the check then runs on first use.
+        """
+        step = self.forward_step
+        if not isinstance(step, CheckedForward) or step.verdict is not None or self.is_deepspeed_enabled:
+            return
+        size = min(self.args.per_device_train_batch_size, len(self.train_dataset))
+        batch = self._prepare_inputs(self.data_collator([self.train_dataset[i] for i in range(size)]))
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            step.check(self.model, batch)
+
     def compute_ref_log_probs(self, model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Summed reference log-probs (B,), (B,) of chosen and rejected."""
         with (
@@ -66,7 +92,7 @@ class PsipoTrainer(DPOTrainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        policy = self.forward_step(model, inputs)
+        policy = self.forward_step(model, inputs, router_aux=self.aux_loss_enabled)
         if "ref_chosen_logps" in inputs:  # precomputed once by TRL through compute_ref_log_probs
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
@@ -82,7 +108,9 @@ class PsipoTrainer(DPOTrainer):
             label_eps=self.objective.label_eps,
         )
         loss = losses.mean()
-        self._record(h, target, logps, inputs)
+        if policy.router_aux_loss is not None:  # MoE load balancing, as TRL's DPOTrainer adds it
+            loss = loss + policy.router_aux_loss
+        self._record(h, target, logps, inputs, policy.router_aux_loss)
         return (loss, {"margin": h.detach()}) if return_outputs else loss
 
     def _aggregate(self, policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor) -> tuple[Tensor, ...]:
@@ -96,7 +124,14 @@ class PsipoTrainer(DPOTrainer):
             sequence_logps(ref_rejected.float().to(n_r.device), n_r, how),
         )
 
-    def _record(self, h: Tensor, target: Tensor | None, logps: tuple[Tensor, ...], inputs: dict[str, Tensor]) -> None:
+    def _record(
+        self,
+        h: Tensor,
+        target: Tensor | None,
+        logps: tuple[Tensor, ...],
+        inputs: dict[str, Tensor],
+        router_aux_loss: Tensor | None = None,
+    ) -> None:
         """Append this batch's metrics (averaged over all processes) for the next `log`."""
         mode = "train" if self.model.training else "eval"
         pi_c, pi_r, ref_c, ref_r = (x.detach() for x in logps)
@@ -110,6 +145,8 @@ class PsipoTrainer(DPOTrainer):
         }
         if target is not None:
             values["target"] = target.detach()
+        if router_aux_loss is not None:
+            values["router_aux_loss"] = router_aux_loss.detach().reshape(1)
         for key, value in values.items():
             self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).float().mean().item())
         if mode == "train":

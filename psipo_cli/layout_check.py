@@ -1,0 +1,155 @@
+"""The start-up self-check that guards prefix sharing on the user's own model.
+
+Prefix sharing is exact only if the model reads the shared row's mask and position ids the way psipo assumes;
+a kernel, wrapper or remote-code model nobody tested can break that silently (a run that trains on leaked
+attention still "converges"). So before the first batch is used, `CheckedForward` scores it both ways — the
+prefix-shared row and TRL's concatenated rows — with no gradient and dropout off. At that point the policy equals
+the reference (a fresh LoRA adapter adds zero; a starting adapter is also the reference), so one comparison
+covers both. If they differ beyond the dtype's noise, or the shared layout cannot run at all, the run continues
+on the concatenated layout and says so — or stops with one line when the recipe insists on prefix sharing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from psipo_cli.errors import UserError
+from psipo_cli.forward import (
+    ConcatenatedForward,
+    PairLogps,
+    PrefixSharedCollator,
+    PrefixSharedForward,
+    concatenated_from_shared,
+)
+from psipo_cli.masks import UnsupportedLayout
+
+# Largest per-token difference (nats) between the layouts that is float noise, by compute dtype. Leaked attention
+# moves trained models' log-probs by O(1) nats; a window ignored on tiny random models by ~1e-2. In half precision
+# the check catches the former only, which is why the conformance tests run in float32.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@dataclass
+class Verdict:
+    """What the self-check found; `layout` is what the run uses from then on."""
+
+    layout: str  # "prefix-shared" or "concatenated"
+    max_diff_per_token: float | None  # None when the shared layout could not run
+    tolerance: float
+    seconds: float
+    reason: str = ""  # why it fell back
+
+    def describe(self) -> str:
+        if self.layout == "prefix-shared":
+            return f"prefix-shared (self-check: max |Δ| {self.max_diff_per_token:.1e} nats/token, {self.seconds:.2f} s)"
+        return f"concatenated: prefix sharing fell back ({self.reason})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compute_dtype(model: Any) -> torch.dtype:
+    """The dtype the forward runs in: autocast's if on, else the narrowest floating parameter dtype."""
+    device = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    # bitsandbytes layers store packed integers and compute in their own dtype.
+    dtypes |= {m.compute_dtype for m in model.modules() if isinstance(getattr(m, "compute_dtype", None), torch.dtype)}
+    return min(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
+
+
+def max_diff_per_token(a: PairLogps, b: PairLogps) -> float:
+    diffs = []
+    for x, y, n in ((a.chosen, b.chosen, a.chosen_tokens), (a.rejected, b.rejected, a.rejected_tokens)):
+        diffs.append(((x.float() - y.float()).abs() / n.clamp(min=1)).max())
+    return float(torch.stack(diffs).max())
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class CheckedForward:
+    """Prefix sharing that proves itself on the first batch it sees, then keeps whichever layout is exact."""
+
+    def __init__(self, pad_token_id: int, strict: bool = False) -> None:
+        self.shared, self.concatenated = PrefixSharedForward(), ConcatenatedForward()
+        self.pad_token_id = pad_token_id
+        self.strict = strict  # the recipe said prefix_sharing: true, so falling back is an error
+        self.verdict: Verdict | None = None
+
+    def collator(self, pad_token_id: int, max_length: int | None) -> PrefixSharedCollator:
+        return self.shared.collator(pad_token_id, max_length)
+
+    def check(self, model: Any, inputs: dict[str, Tensor]) -> Verdict:
+        """Compare both layouts on `inputs` (call under no_grad); decide the layout for the rest of the run."""
+        started = time.perf_counter()
+        tolerance = TOLERANCE.get(compute_dtype(model), TOLERANCE[torch.bfloat16])
+        with _eval_mode(model):
+            plain = self.concatenated(model, concatenated_from_shared(inputs, self.pad_token_id))
+            try:
+                shared = self.shared(model, inputs, router_aux=True)  # as the policy pass will call it
+                diff: float | None = max_diff_per_token(plain, shared)
+                reason = "" if diff <= tolerance else f"log-probs differ by {diff:.1e} nats/token > {tolerance:.0e}"
+            except (UnsupportedLayout, RuntimeError, TypeError, ValueError) as err:  # a model that refuses the row
+                diff, reason = None, str(err).splitlines()[0] if str(err) else type(err).__name__
+        layout = "concatenated" if reason else "prefix-shared"
+        self.verdict = Verdict(layout, diff, tolerance, time.perf_counter() - started, reason)
+        if reason and self.strict:
+            raise UserError(
+                f"prefix sharing is not exact on this model ({reason}); set training.prefix_sharing: auto to fall "
+                "back to the concatenated layout",
+                where="training.prefix_sharing",
+            )
+        return self.verdict
+
+    def __call__(self, model: Any, inputs: dict[str, Tensor], router_aux: bool = False) -> PairLogps:
+        if self.verdict is None:
+            with torch.no_grad():
+                self.check(model, inputs)
+        if self.verdict.layout == "prefix-shared":
+            return self.shared(model, inputs, router_aux)
+        return self.concatenated(model, concatenated_from_shared(inputs, self.pad_token_id), router_aux)
+
+    def count_tokens(self, inputs: dict[str, Tensor]) -> Tensor:
+        return self.shared.count_tokens(inputs)
+
+
+def forward_step_for(prefix_sharing: bool | str, pad_token_id: int) -> ConcatenatedForward | CheckedForward:
+    """The forward step `training.prefix_sharing` asks for: false → concatenated; auto → checked, falls back;
+    true → checked, a failed check stops the run."""
+    if prefix_sharing is False:
+        return ConcatenatedForward()
+    return CheckedForward(pad_token_id, strict=prefix_sharing is True)
+
+
+def describe_layout(step: Any) -> str:
+    """One line for the banner: the layout in use and what the self-check found."""
+    if not isinstance(step, CheckedForward):
+        return "concatenated (training.prefix_sharing: false)"
+    if step.verdict is None:  # under DeepSpeed the check runs on the first batch of training
+        return "prefix-shared, checked against the concatenated layout on the first batch"
+    return step.verdict.describe()
+
+
+def layout_summary(step: Any) -> dict[str, Any] | None:
+    """What summary.json records about the layout (None for a reward model, which has none)."""
+    if step is None:
+        return None
+    if not isinstance(step, CheckedForward):
+        return {"layout": "concatenated", "reason": "training.prefix_sharing: false"}
+    return step.verdict.as_dict() if step.verdict else {"layout": "prefix-shared", "reason": "not checked"}

@@ -1,0 +1,121 @@
+"""Reference log-probs computed once before training, cached by what determines them and nothing else.
+
+The key is the base model's identity (name, revision, and for a local directory the size and modification time of
+its files, so a model retrained in place is noticed; no parameter is hashed, so ZeRO-3's partitioned weights do not
+matter and a 7B model costs no hashing pass), the starting adapter if any, how the weights are loaded (dtype,
+quantisation, attention kernel), the tokenizer and chat template, the pairs' content, max_length and truncation.
+Learning rate, τ, seed, output directory and the rest of the recipe do not change the reference, so a τ sweep
+computes it once. (TRL's own cache key hashes a dataset fingerprint that includes every training argument, and the
+policy's parameters, which differ with the seed and are empty under ZeRO-3.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import broadcast_object_list
+from datasets import Dataset
+from datasets.fingerprint import Hasher
+
+from psipo_cli.config import Recipe
+from psipo_cli.recipe import looks_local
+
+CACHE_FOLDER = "psipo-reference"
+COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def files_identity(directory: str | None) -> list[tuple[str, int, int]] | None:
+    """(name, size, mtime_ns) of the files in a local model or adapter directory; None for a hub id."""
+    if directory is None or not Path(directory).is_dir():
+        return None
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).iterdir() if p.is_file())
+
+
+def model_identity(recipe: Recipe) -> dict[str, Any]:
+    """What names the base model's weights: hub id and revision, or a local directory's files."""
+    spec = recipe.model
+    local = looks_local(spec.name_or_path) or Path(spec.name_or_path).is_dir()
+    return {
+        "name_or_path": spec.name_or_path,
+        "revision": spec.revision,
+        "files": files_identity(spec.name_or_path) if local else None,
+    }
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return Hasher.hash((vocab, tokenizer.chat_template, tokenizer.eos_token, tokenizer.bos_token))
+
+
+def reference_key(recipe: Recipe, tokenizer: Any, pairs_fingerprint: str) -> str:
+    """The cache key of one split's reference log-probs (see the module docstring for what is in it)."""
+    spec = recipe.model
+    return Hasher.hash(
+        {
+            "model": model_identity(recipe),
+            "loading": (spec.dtype, spec.quantization, spec.quant_type, spec.double_quant, spec.attn_implementation),
+            "adapter": (recipe.adapter.init_from, files_identity(recipe.adapter.init_from)),
+            "tokenizer": tokenizer_identity(tokenizer),
+            "pairs": pairs_fingerprint,
+            "max_length": recipe.data.max_length,
+            "truncation": "keep_start",
+        }
+    )
+
+
+def cache_path(key: str) -> Path:
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / CACHE_FOLDER / f"{key}.json"
+
+
+def reference_model(trainer: Any) -> Any:
+    """The model to run the reference pass with before training (the adapter is switched off per batch)."""
+    from trl.models import prepare_deepspeed
+
+    if trainer.is_deepspeed_enabled:  # before train(): parameters still on CPU (ZeRO-2) or sharded (ZeRO-3)
+        return prepare_deepspeed(trainer.model, trainer.accelerator)
+    return trainer.model
+
+
+def with_reference(trainer: Any, model: Any, dataset: Dataset, key: str, batch_size: int) -> tuple[Dataset, bool]:
+    """`dataset` with the reference log-prob columns added, and whether they came from the cache.
+
+    Every process computes its share of the batches and gathers; the main process writes the cache file (by
+    rename, so it is whole or absent) and all read it back.
+    """
+    key = broadcast_object_list([key], from_process=0)[0]  # one file for all ranks, whatever each computed
+    path = cache_path(key)
+    hit = path.is_file()
+    if not hit:
+        values = _compute(trainer, model, dataset, batch_size)
+        if trainer.accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(values), encoding="utf-8")
+            os.replace(tmp, path)
+        trainer.accelerator.wait_for_everyone()
+    values = json.loads(path.read_text(encoding="utf-8"))
+    for column in COLUMNS:
+        dataset = dataset.add_column(column, values[column])
+    return dataset, hit
+
+
+def _compute(trainer: Any, model: Any, dataset: Dataset, batch_size: int) -> dict[str, list[float]]:
+    from torch.utils.data import DataLoader
+
+    loader = trainer.accelerator.prepare(
+        DataLoader(dataset, batch_size=batch_size, collate_fn=trainer.data_collator, shuffle=False)
+    )
+    chosen, rejected = [], []
+    for batch in loader:
+        ref_chosen, ref_rejected = trainer.compute_ref_log_probs(model, batch)
+        ref_chosen, ref_rejected = trainer.accelerator.gather_for_metrics((ref_chosen, ref_rejected))
+        chosen.append(ref_chosen.float().cpu())
+        rejected.append(ref_rejected.float().cpu())
+    return {COLUMNS[0]: torch.cat(chosen).tolist(), COLUMNS[1]: torch.cat(rejected).tolist()}
