@@ -3,7 +3,9 @@
 Rows come from a local .jsonl/.json/.parquet/.csv file or a hub dataset. Each row is either plain
 (prompt/chosen/rejected strings) or conversational (lists of {role, content} messages, with or without a
 separate prompt column); conversational rows are rendered with the tokenizer's chat template here, so one
-file may mix both and every later step (TRL's tokenisation, prefix sharing) sees one format.
+file may mix both and every later step (TRL's tokenisation, prefix sharing) sees one format. Every response
+leaves here ending with its one end marker: EOS for plain text, the template's end-of-turn token for chat
+(`psipo_cli.chat`), so TRL appends nothing.
 The output columns are `prompt`, `chosen`, `rejected` and, with soft labels, `p_hat`.
 """
 
@@ -22,6 +24,7 @@ from typing import Any
 from datasets import Dataset
 from jinja2 import TemplateError
 
+from psipo_cli.chat import ChatRenderer, end_with_eos
 from psipo_cli.config import Columns, DataSection, DataSource
 from psipo_cli.errors import UserError, shown
 from psipo_cli.recipe import looks_local
@@ -198,32 +201,6 @@ def _soft_label(row: dict[str, Any], columns: Columns) -> tuple[float | None, st
     return None, None
 
 
-class ChatRenderer:
-    """Render conversational rows to text with the tokenizer's chat template, checking the prompt is a prefix."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        # If the tokenizer adds BOS itself, a BOS written by the template would be doubled: strip it.
-        bos = tokenizer.bos_token
-        adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
-        self.strip = bos if adds_bos else None
-
-    def __call__(self, prompt: Any, response: Any) -> tuple[str, str]:
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError("conversational rows need a tokenizer with a chat template")
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if isinstance(response, str):
-            response = [{"role": "assistant", "content": response}]
-        head = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        full = self.tokenizer.apply_chat_template(prompt + response, tokenize=False)
-        if not full.startswith(head):
-            raise ValueError("the chat template does not render the prompt as a prefix of prompt+response")
-        if self.strip and head.startswith(self.strip):
-            head, full = head[len(self.strip) :], full[len(self.strip) :]
-        return head, full[len(head) :]
-
-
 def _whole_conversations(chosen: Any, rejected: Any) -> bool:
     """chosen and rejected are full conversations sharing their leading (prompt) messages."""
     return (
@@ -264,6 +241,8 @@ def _normalise_row(row: Any, columns: Columns, render: ChatRenderer) -> tuple[di
             prompt_text, chosen = render(prompt, chosen)
             _, rejected = render(prompt, rejected)
             prompt = prompt_text
+        else:
+            chosen, rejected = (end_with_eos(text, render.tokenizer) for text in (chosen, rejected))
     except ValueError as err:
         return None, str(err)
     except (TypeError, TemplateError) as err:  # a template that refuses these messages (e.g. roles out of order)

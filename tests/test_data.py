@@ -160,7 +160,12 @@ def test_missing_model_is_a_clean_error(write_recipe, cli, tmp_path) -> None:
 def test_unknown_extra_columns_are_ignored_but_named_columns_are_mapped(tmp_path: Path, tokenizer) -> None:
     row = {"q": PLAIN["prompt"], "good": PLAIN["chosen"], "bad": PLAIN["rejected"], "source": "x"}
     (out,) = _load(tmp_path, [row], tokenizer, columns={"prompt": "q", "chosen": "good", "rejected": "bad"})
-    assert out == {"prompt": PLAIN["prompt"], "chosen": PLAIN["chosen"], "rejected": PLAIN["rejected"]}
+    # Plain responses come out ending with EOS, as TRL would have appended it.
+    assert out == {
+        "prompt": PLAIN["prompt"],
+        "chosen": PLAIN["chosen"] + "</s>",
+        "rejected": PLAIN["rejected"] + "</s>",
+    }
 
 
 def test_recipe_data_paths_are_relative_to_the_recipe(tmp_path: Path) -> None:
