@@ -1,8 +1,9 @@
 """Read preference pairs, check every row, and hand TRL one plain-text format.
 
 Rows come from a local .jsonl/.json/.parquet/.csv file or a hub dataset. Each row is either plain
-(prompt/chosen/rejected strings) or conversational (lists of {role, content} messages, with or without a
-separate prompt column); conversational rows are rendered with the tokenizer's chat template here, so one
+(prompt/chosen/rejected strings; without a prompt column, chosen/rejected may be whole dialogues as text, as in
+HH-RLHF, split at the last assistant turn they share) or conversational (lists of {role, content} messages, with
+or without a separate prompt column); conversational rows are rendered with the tokenizer's chat template here, so one
 file may mix both and every later step (TRL's tokenisation, prefix sharing) sees one format. Every response
 leaves here ending with its one end marker: EOS for plain text, the template's end-of-turn token for chat
 (`psipo_cli.chat`), so TRL appends nothing.
@@ -32,6 +33,9 @@ from psipo_cli.recipe import looks_local
 MAX_LISTED_ROWS = 5  # bad rows named in one error line; the total is always given
 CSV_FIELD_LIMIT = 1 << 30  # the csv module's default (128 KiB) refuses long but legitimate responses
 _MISSING = object()  # a column absent from one row (the first row's columns are checked separately)
+# Where an assistant turn begins in dialogues stored as one text (Anthropic HH-RLHF). A prompt split off such
+# text ends just after one of these; add other dialogue formats' assistant markers here.
+ASSISTANT_TURN_MARKERS = ("\n\nAssistant:",)
 
 
 @dataclass
@@ -220,6 +224,21 @@ def _split_implicit_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[li
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
+def _has_dialogue(text: Any) -> bool:
+    return isinstance(text, str) and any(marker in text for marker in ASSISTANT_TURN_MARKERS)
+
+
+def _split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """Whole dialogues in chosen/rejected: the prompt runs to the end of the last assistant-turn marker both
+    share. Not their longest common prefix, which cuts into responses that begin alike ("I think X"/"I think Y")."""
+    pairs = zip(chosen, rejected, strict=False)  # stops at the shorter: one may extend the other
+    shared = chosen[: next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(chosen), len(rejected)))]
+    cut = max((shared.rfind(m) + len(m) for m in ASSISTANT_TURN_MARKERS if m in shared), default=None)
+    if cut is None:
+        return None
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
 def _normalise_row(row: Any, columns: Columns, render: ChatRenderer) -> tuple[dict[str, Any] | None, str | None]:
     """(plain-text row, problem)."""
     if not isinstance(row, dict):
@@ -231,6 +250,15 @@ def _normalise_row(row: Any, columns: Columns, render: ChatRenderer) -> tuple[di
     if _whole_conversations(chosen, rejected):
         # e.g. UltraFeedback: chosen/rejected hold the user turn too; a prompt column, if any, repeats it.
         prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
+    elif prompt is _MISSING and isinstance(chosen, str) and isinstance(rejected, str):
+        # e.g. HH-RLHF: chosen/rejected are whole dialogues as text, the prompt implicit in both.
+        if (split := _split_dialogue(chosen, rejected)) is None:
+            markers = " or ".join(map(repr, ASSISTANT_TURN_MARKERS))
+            return None, f"no '{columns.prompt}' column, and chosen and rejected share no {markers} turn to split it at"
+        prompt, chosen, rejected = split
+        for name, value in ((columns.chosen, chosen), (columns.rejected, rejected)):
+            if (problem := _field_problem(value, name)) is not None:
+                return None, f"{problem} after the shared dialogue"
     elif (problem := _field_problem(prompt, columns.prompt)) is not None:
         return None, problem
     p_hat, problem = _soft_label(row, columns)
@@ -259,8 +287,9 @@ def _check_columns(first: Any, columns: Columns, where: str) -> None:
     if not isinstance(first, dict):
         return
     needed = [columns.chosen, columns.rejected]
-    if columns.prompt in first or not _is_messages(first.get(columns.chosen)):
-        needed.insert(0, columns.prompt)  # the prompt may only be implicit in whole conversations
+    implicit = _is_messages(first.get(columns.chosen)) or _has_dialogue(first.get(columns.chosen))
+    if columns.prompt in first or not implicit:
+        needed.insert(0, columns.prompt)  # the prompt may only be implicit in whole conversations or dialogues
     needed += columns.label_columns
     missing = [c for c in needed if c not in first]
     if missing:
