@@ -2,11 +2,11 @@
 
 Rows come from a local .jsonl/.json/.parquet/.csv file or a hub dataset. Each row is either plain
 (prompt/chosen/rejected strings; without a prompt column, chosen/rejected may be whole dialogues as text, as in
-HH-RLHF, split at the last assistant turn they share) or conversational (lists of {role, content} messages, with
-or without a separate prompt column); conversational rows are rendered with the tokenizer's chat template here, so one
-file may mix both and every later step (TRL's tokenisation, prefix sharing) sees one format. Every response
-leaves here ending with its one end marker: EOS for plain text, the template's end-of-turn token for chat
-(`psipo_cli.chat`), so TRL appends nothing.
+HH-RLHF, split at the last assistant turn they share) or conversational (lists of {role, content} messages,
+with or without a separate prompt column); conversational rows are rendered with the tokenizer's chat template
+here, so one file may mix both and every later step (TRL's tokenisation, prefix sharing) sees one format.
+Every response leaves here ending with its one end marker: EOS for plain text, the template's end-of-turn
+token for chat (`psipo_cli.chat`), so TRL appends nothing.
 The output columns are `prompt`, `chosen`, `rejected` and, with soft labels, `p_hat`.
 """
 
