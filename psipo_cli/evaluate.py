@@ -26,6 +26,7 @@ from torch import Tensor
 from trl import DPOTrainer
 from trl.trainer.utils import add_fused_lm_head, use_adapter
 
+from psipo_cli.chat import ENDS_MARKED
 from psipo_cli.config import DataSource, Recipe
 from psipo_cli.data import PreferenceData, load_pairs
 from psipo_cli.errors import UserError
@@ -151,10 +152,11 @@ def eval_source(recipe: Recipe, data: str | None) -> DataSource:
 def tokenize_pairs(pairs: PreferenceData, tokenizer: Any, max_length: int) -> Any:
     """prompt_ids/chosen_ids/rejected_ids (and p_hat) exactly as the trainer tokenises them.
 
-    This is TRL's `DPOTrainer._prepare_dataset` itself (EOS appended, prompt/response split at the common prefix,
-    keep_start filter), called without building a trainer: it reads nothing from the trainer but the tokenizer.
+    This is TRL's `DPOTrainer._prepare_dataset` itself (prompt/response split at the common prefix, keep_start
+    filter), called without building a trainer: it reads nothing from the trainer but the tokenizer, and as in
+    `PsipoTrainer` it appends no EOS, the data having ended every response already.
     """
-    trainer_view = SimpleNamespace(_tokenizer=tokenizer)
+    trainer_view = SimpleNamespace(_tokenizer=ENDS_MARKED)
     args = SimpleNamespace(dataset_num_proc=None, max_length=max_length, truncation_mode="keep_start")
     dataset = DPOTrainer._prepare_dataset(trainer_view, pairs.dataset, tokenizer, args, "eval")
     keep = [c for c in ("prompt", "prompt_ids", "chosen_ids", "rejected_ids", "p_hat") if c in dataset.column_names]

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import yaml
 
+from psipo_cli.chat import ChatRenderer
 from psipo_cli.config import ObjectiveSection, Recipe
-from psipo_cli.data import ChatRenderer
 from psipo_cli.errors import UserError
 from psipo_cli.modeling import describe_reference, load_policy, load_tokenizer
 from psipo_cli.recipe import looks_local
@@ -221,7 +221,7 @@ class Generator:
         if not self.use_template:
             return "\n".join(message["content"] for message in messages)
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # As in training (data.ChatRenderer): the tokenizer adds BOS itself, so a BOS written by the template goes.
+        # As in training (chat.ChatRenderer): the tokenizer adds BOS itself, so a BOS written by the template goes.
         return text[len(self._strip_bos) :] if self._strip_bos and text.startswith(self._strip_bos) else text
 
     def room(self, max_new_tokens: int) -> int:

@@ -1,9 +1,10 @@
-"""`PsipoTrainer`: TRL's DPOTrainer with psipo's objectives, through public hooks only.
+"""`PsipoTrainer`: TRL's DPOTrainer with psipo's objectives, through public hooks (and one private one).
 
 TRL keeps data preparation, the collator contract, DeepSpeed/FSDP handling and the training loop. psipo
 replaces `compute_loss` (the loss step), `compute_ref_log_probs` (the reference pass), `prediction_step` and `log`
-(metrics), and precomputes the reference itself (`reference.py`, cached by what determines it). The loss math
-lives in `psipo_cli.objectives`; the batch layout in a `ForwardStep`.
+(metrics), precomputes the reference itself (`reference.py`, cached by what determines it), and wraps the private
+`_prepare_dataset` only to skip its add-EOS step. The loss math lives in `psipo_cli.objectives`; the batch layout
+in a `ForwardStep`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from psipo_cli.chat import ENDS_MARKED
 from psipo_cli.config import ObjectiveSection
 from psipo_cli.forward import ConcatenatedForward, ForwardStep, PairLogps
 from psipo_cli.layout_check import CheckedForward
@@ -31,12 +33,21 @@ class PsipoTrainer(DPOTrainer):
     _tag_names: ClassVar[list[str]] = ["trl", "dpo", "psipo"]
 
     def __init__(self, *args: Any, objective: ObjectiveSection, forward_step: ForwardStep | None = None, **kwargs: Any):
-        # Set before DPOTrainer.__init__: its reference precompute already calls compute_ref_log_probs.
+        # Set before DPOTrainer.__init__, which may already run a forward step.
         self.objective = objective
         self.forward_step = forward_step or ConcatenatedForward()
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
         super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+        """TRL's tokenisation, without its add-EOS step: psipo's data already ends every response with its one
+        end marker (see `psipo_cli.chat`), which for chat rows may be a turn marker that is not EOS."""
+        tokenizer, self._tokenizer = self._tokenizer, ENDS_MARKED
+        try:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        finally:
+            self._tokenizer = tokenizer
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,60 @@ def test_whole_conversations_split_off_their_shared_prompt(tmp_path: Path, token
     assert out["chosen"] == "Hello!</s>"
 
 
+def _dialogue(*turns: str) -> str:
+    """Anthropic HH-RLHF's text form: alternating Human/Assistant turns, each after a blank line."""
+    return "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {turn}" for i, turn in enumerate(turns))
+
+
+def test_whole_dialogues_split_at_the_last_assistant_turn_they_share(tmp_path: Path, tokenizer) -> None:
+    # Both responses begin "I think it is": a longest-common-prefix split would cut into them.
+    one = {"chosen": _dialogue("2 plus 2?", "I think it is 4."), "rejected": _dialogue("2 plus 2?", "I think it is 5.")}
+    history = ("Hi.", "Hello.", "2 plus 2?")
+    multi = {"chosen": _dialogue(*history, "Four."), "rejected": _dialogue(*history, "Four, I think.")}
+    rows = _load(tmp_path, [one, multi], tokenizer)
+    assert rows[0] == {
+        "prompt": "\n\nHuman: 2 plus 2?\n\nAssistant:",
+        "chosen": " I think it is 4.</s>",
+        "rejected": " I think it is 5.</s>",
+    }
+    assert rows[1]["prompt"] == "\n\nHuman: Hi.\n\nAssistant: Hello.\n\nHuman: 2 plus 2?\n\nAssistant:"
+    assert (rows[1]["chosen"], rows[1]["rejected"]) == (" Four.</s>", " Four, I think.</s>")
+
+
+def test_dialogues_sharing_no_assistant_turn_are_bad_rows(tmp_path: Path, tokenizer) -> None:
+    good = {"chosen": _dialogue("Hi?", "Hello!"), "rejected": _dialogue("Hi?", "Go away.")}
+    other_prompts = {"chosen": _dialogue("Hi?", "Hello!"), "rejected": _dialogue("Bye?", "Bye!")}
+    with pytest.raises(
+        UserError, match=r"1 bad row\(s\): row 2: no 'prompt' column, and chosen and rejected share no "
+    ):
+        _load(tmp_path, [good, other_prompts], tokenizer)
+    no_marker = {"chosen": "Paris.", "rejected": "London."}
+    with pytest.raises(UserError, match="row 2: no 'prompt' column"):
+        _load(tmp_path, [good, no_marker], tokenizer)
+
+
+def test_plain_text_without_a_prompt_column_or_dialogue_is_a_missing_column(tmp_path: Path, tokenizer) -> None:
+    with pytest.raises(UserError, match=r"missing column\(s\) \['prompt'\]"):
+        _load(tmp_path, [{"question": "Capital?", "chosen": "Paris.", "rejected": "London."}], tokenizer)
+
+
+@pytest.mark.slow
+def test_a_recipe_on_whole_dialogue_rows_trains(write_recipe, tmp_path: Path) -> None:
+    from psipo_cli.finetune import run
+
+    rows = [
+        {
+            "chosen": _dialogue(f"What is {n} plus 1?", f"It is {n + 1}."),
+            "rejected": _dialogue(f"What is {n} plus 1?", "No."),
+        }
+        for n in range(16)
+    ]
+    data = write_jsonl(tmp_path / "hh.jsonl", rows)
+    summary = run(load_recipe(write_recipe(data={"train": str(data)}, training={"max_steps": 2})))
+    assert summary["steps"] == 2 and summary["train_pairs"] == 16
+    assert math.isfinite(summary["final_train"]["loss"])
+
+
 def test_votes_and_scores_become_soft_labels(tmp_path: Path, tokenizer) -> None:
     rows = _load(tmp_path, [{**PLAIN, "v": 3, "n": 4}], tokenizer, columns={"votes_chosen": "v", "votes_total": "n"})
     assert rows[0]["p_hat"] == pytest.approx(0.75)
@@ -106,6 +161,11 @@ BAD_DATA = [
     ("empty-field", json.dumps({**PLAIN, "prompt": "  "}), "row 1: 'prompt' is empty"),
     ("number-field", json.dumps({**PLAIN, "rejected": 5}), "row 1: 'rejected' must be text"),
     ("not-an-object", json.dumps([1, 2]), "row 1: expected an object"),
+    (
+        "dialogues-sharing-no-turn",
+        json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Yo", "rejected": "\n\nHuman: Bye\n\nAssistant: Yo"}),
+        "row 1: no 'prompt' column, and chosen and rejected share no '\\n\\nAssistant:' turn",
+    ),
 ]
 
 
@@ -160,7 +220,12 @@ def test_missing_model_is_a_clean_error(write_recipe, cli, tmp_path) -> None:
 def test_unknown_extra_columns_are_ignored_but_named_columns_are_mapped(tmp_path: Path, tokenizer) -> None:
     row = {"q": PLAIN["prompt"], "good": PLAIN["chosen"], "bad": PLAIN["rejected"], "source": "x"}
     (out,) = _load(tmp_path, [row], tokenizer, columns={"prompt": "q", "chosen": "good", "rejected": "bad"})
-    assert out == {"prompt": PLAIN["prompt"], "chosen": PLAIN["chosen"], "rejected": PLAIN["rejected"]}
+    # Plain responses come out ending with EOS, as TRL would have appended it.
+    assert out == {
+        "prompt": PLAIN["prompt"],
+        "chosen": PLAIN["chosen"] + "</s>",
+        "rejected": PLAIN["rejected"] + "</s>",
+    }
 
 
 def test_recipe_data_paths_are_relative_to_the_recipe(tmp_path: Path) -> None:
