@@ -63,12 +63,17 @@ def layer_windows(config: PretrainedConfig) -> dict[str, int | None]:
     return {kind: window if kind == SLIDING else None for kind in sorted(types)}
 
 
+def _query_bit(branch: Tensor) -> Tensor:
+    """The bit of `visible` a query reads: its branch, or for padding bit 3, which no token sets."""
+    return torch.where(branch < 0, 3, branch.to(torch.int32)).to(torch.int32)
+
+
 def allowed(branch: Tensor, visible: Tensor, positions: Tensor, window: int | None) -> Tensor:
     """(B, 1, L, L) bool: may query i attend key j (see the module docstring)."""
     length = branch.size(1)
     index = torch.arange(length, device=branch.device)
     causal = index[:, None] >= index[None, :]  # (L, L)
-    own = branch.clamp(min=0).to(torch.int32)[:, :, None]  # (B, L, 1) the query's branch
+    own = _query_bit(branch)[:, :, None]  # (B, L, 1)
     sees = ((visible.to(torch.int32)[:, None, :] >> own) & 1).bool()  # (B, L, L)
     mask = causal & sees
     if window is not None:
@@ -77,21 +82,27 @@ def allowed(branch: Tensor, visible: Tensor, positions: Tensor, window: int | No
     return mask[:, None]
 
 
-def block_mask(branch: Tensor, visible: Tensor, positions: Tensor, window: int | None) -> Any:
-    """The same rule as `allowed`, as a flex_attention `BlockMask` (evaluated per block, never as an L×L tensor)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    own_branch = branch.clamp(min=0).to(torch.int32)
+def mask_mod(branch: Tensor, visible: Tensor, positions: Tensor, window: int | None) -> Any:
+    """The rule of `allowed` as a flex_attention mask_mod(b, h, q, k), evaluated per block by flex."""
+    own_branch = _query_bit(branch)
     bits = visible.to(torch.int32)
 
-    def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    def rule(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         ok = (q >= k) & (((bits[b, k] >> own_branch[b, q]) & 1) == 1)
         if window is not None:
             ok = ok & ((positions[b, q] - positions[b, k]) < window)
         return ok | ((q == k) & (branch[b, q] < 0))
 
+    return rule
+
+
+def block_mask(branch: Tensor, visible: Tensor, positions: Tensor, window: int | None) -> Any:
+    """The same rule as `allowed`, as a flex_attention `BlockMask` (block-sparse, never an L×L tensor)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
     batch, length = branch.shape
-    return create_block_mask(mask_mod, batch, None, length, length, device=branch.device)
+    rule = mask_mod(branch, visible, positions, window)
+    return create_block_mask(rule, batch, None, length, length, device=branch.device)
 
 
 def _kernel_form(kernel: str, branch: Tensor, visible: Tensor, positions: Tensor, window: int | None) -> Any:
