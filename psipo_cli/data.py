@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+from datasets.fingerprint import Hasher
 from jinja2 import TemplateError
 
 from psipo_cli.config import Columns, DataSection, DataSource
@@ -39,6 +40,7 @@ class PreferenceData:
     source: str
     rows_read: int
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    fingerprint: str = ""  # content hash of the pairs as loaded (names their cache folder; resume compares it)
 
 
 class _RowErrors:
@@ -326,21 +328,22 @@ def load_pairs(source: DataSource, data: DataSection, tokenizer: Any, split_name
     good, dropped = _drop_long_prompts(rows, data, tokenizer, where)
     if not good:
         raise UserError(f"no usable pairs left ({dropped})", where=where)
-    return PreferenceData(cached_dataset(good), where, len(rows), dropped)
+    digest = Hasher.hash(good)
+    return PreferenceData(cached_dataset(good, digest), where, len(rows), dropped, digest)
 
 
-def cached_dataset(rows: list[dict[str, Any]]) -> Dataset:
-    """The pairs as an Arrow dataset stored under the datasets cache, in a folder named by their content.
+def cached_dataset(rows: list[dict[str, Any]], digest: str) -> Dataset:
+    """The pairs as an Arrow dataset stored under the datasets cache, in a folder named by their content hash
+    `digest` (Hasher.hash of the rows).
 
     Every process of a launch, and every rerun on the same data, opens the same files with the same
     fingerprint, so caches TRL keeps beside a dataset (the precomputed reference log-probs) are shared and
     reused. An in-memory dataset would give each process its own temporary cache.
     """
     import datasets
-    from datasets.fingerprint import Hasher
     from trl.trainer.utils import global_then_local_main_first
 
-    path = Path(datasets.config.HF_DATASETS_CACHE) / "psipo-pairs" / Hasher.hash(rows)
+    path = Path(datasets.config.HF_DATASETS_CACHE) / "psipo-pairs" / digest
     with global_then_local_main_first():
         if not (path / "state.json").exists():
             tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")

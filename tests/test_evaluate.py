@@ -6,27 +6,12 @@ import json
 import math
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import TINY_DATA, assert_clean_error, tiny_recipe, write_jsonl
-
-
-def _psipo(*args: str) -> int:
-    """The real entry point, for module-scoped fixtures (the `cli` fixture is per test)."""
-    from psipo_cli.cli import main
-
-    argv, sys.argv = sys.argv, ["psipo", *args]
-    try:
-        main()
-        return 0
-    except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else 1
-    finally:
-        sys.argv = argv
+from tests.conftest import TINY_DATA, assert_clean_error, run_psipo, tiny_recipe, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +33,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    assert _psipo("finetune", str(path), "--quiet") == 0
+    assert run_psipo("finetune", path, "--quiet") == 0
     return root / "run"
 
 
