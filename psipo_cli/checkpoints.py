@@ -79,6 +79,17 @@ class MarkComplete(TrainerCallback):
             write_atomic(folder / COMPLETE_MARK, json.dumps(mark) + "\n")
 
 
+class CurrentIntervals(TrainerCallback):
+    """Log, evaluate and save at the recipe's intervals after a resume too.
+
+    The Trainer restores logging/eval/save_steps from the checkpoint's trainer_state.json and only warns in its log,
+    so a resumed run kept the old intervals while its recipe.yaml stated the new ones.
+    """
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        state.compute_steps(args, state.max_steps)
+
+
 class StopOnSignal(TrainerCallback):
     """First SIGINT/SIGTERM: finish the step, save a checkpoint, stop. A second one stops at once."""
 

@@ -19,6 +19,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig
 
 from psipo_cli.checkpoints import (
+    CurrentIntervals,
     MarkComplete,
     StopOnSignal,
     checkpoints,
@@ -164,7 +165,7 @@ def run(
         display.banner(trainer, prepared)
         for callback in (ProgressCallback, PrinterCallback):  # psipo's display replaces the Trainer's tqdm/prints
             trainer.remove_callback(callback)
-        callbacks = (MetricsFile(run_dir), MarkComplete(record.mark()), stopper, display.callback())
+        callbacks = (MetricsFile(run_dir), MarkComplete(record.mark()), CurrentIntervals(), stopper, display.callback())
         for callback in callbacks:
             trainer.add_callback(callback)
         started = time.perf_counter()
