@@ -9,7 +9,6 @@ a difference is refused unless `--force-resume`, which is then recorded in the m
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from psipo_cli.checkpoints import COMPLETE_MARK, checkpoint_step
 from psipo_cli.config import Recipe
 from psipo_cli.data import PreferenceData
 from psipo_cli.errors import UserError, shown
-from psipo_cli.rundir import RECIPE_FILE
+from psipo_cli.rundir import RECIPE_FILE, write_atomic
 
 # Recipe keys (and the sections under them) that change how a run is watched, saved, spread or reported, not what it
 # computes. max_steps/num_train_epochs: extending (or shortening) a run is legitimate; a decaying schedule is then
@@ -114,7 +113,8 @@ class ResumeRecord:
         """Before a forced resume overwrites recipe.yaml (it states what the run finished with), keep the recipe the
         earlier steps trained with as recipe.until-step-N.yaml."""
         if self.replaced_recipe_at is not None and (run_dir / RECIPE_FILE).is_file():
-            shutil.copyfile(run_dir / RECIPE_FILE, run_dir / f"recipe.until-step-{self.replaced_recipe_at}.yaml")
+            kept = run_dir / f"recipe.until-step-{self.replaced_recipe_at}.yaml"
+            write_atomic(kept, (run_dir / RECIPE_FILE).read_text(encoding="utf-8"))
 
 
 def check_resume(checkpoint: Path | None, current: dict[str, Any], force: bool, is_main: bool) -> ResumeRecord:
@@ -137,7 +137,7 @@ def check_resume(checkpoint: Path | None, current: dict[str, Any], force: bool, 
     if not force:
         listed = "; ".join(f"{key} changed ({detail})" for key, detail in changed)
         raise UserError(
-            f"{listed} since {checkpoint.name}; restore it, start a new run in another output.dir, "
+            f"{listed} since {checkpoint.name}; restore what changed, start a new run in another output.dir, "
             "or pass --force-resume to continue anyway",
             where="--resume",
         )
