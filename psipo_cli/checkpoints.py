@@ -26,15 +26,15 @@ COMPLETE_MARK = "psipo-complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _step(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
     match = _CHECKPOINT.match(path.name)
     return int(match.group(1)) if match else -1
 
 
 def checkpoints(run_dir: Path, complete: bool = True) -> list[Path]:
     """checkpoint-N folders of a run, oldest first: the complete ones, or the incomplete ones."""
-    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and _step(p) >= 0]
-    return sorted((p for p in found if (p / COMPLETE_MARK).is_file() == complete), key=_step)
+    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0]
+    return sorted((p for p in found if (p / COMPLETE_MARK).is_file() == complete), key=checkpoint_step)
 
 
 def resume_point(run_dir: Path, path: Path | None) -> Path:
@@ -43,7 +43,7 @@ def resume_point(run_dir: Path, path: Path | None) -> Path:
     target = path or run_dir
     if not target.is_dir():
         raise UserError(f"{target} does not exist; nothing to resume", where=where)
-    if _step(target) >= 0:
+    if checkpoint_step(target) >= 0:
         if not (target / COMPLETE_MARK).is_file():
             raise UserError(f"{target} is incomplete (the job stopped while writing it)", where=where)
         return target
@@ -58,7 +58,7 @@ def prepare_resume(run_dir: Path, checkpoint: Path) -> None:
 
     The resumed run logs those steps again, so metrics.jsonl ends up with every step exactly once.
     """
-    step = _step(checkpoint)
+    step = checkpoint_step(checkpoint)
     for partial in checkpoints(run_dir, complete=False):
         shutil.rmtree(partial, ignore_errors=True)
     if (run_dir / METRICS_FILE).exists():
@@ -66,12 +66,28 @@ def prepare_resume(run_dir: Path, checkpoint: Path) -> None:
 
 
 class MarkComplete(TrainerCallback):
-    """Seal each checkpoint once the Trainer has written all of it (main process)."""
+    """Seal each checkpoint once the Trainer has written all of it (main process); the mark also holds `record`
+    (what the run trained on, see `fingerprint`), sealed with it."""
+
+    def __init__(self, record: dict[str, Any] | None = None) -> None:
+        self.record = record or {}
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_atomic(folder / COMPLETE_MARK, json.dumps({"step": state.global_step}) + "\n")
+            mark = {"step": state.global_step, **self.record}
+            write_atomic(folder / COMPLETE_MARK, json.dumps(mark) + "\n")
+
+
+class CurrentIntervals(TrainerCallback):
+    """Log, evaluate and save at the recipe's intervals after a resume too.
+
+    The Trainer restores logging/eval/save_steps from the checkpoint's trainer_state.json and only warns in its log,
+    so a resumed run kept the old intervals while its recipe.yaml stated the new ones.
+    """
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        state.compute_steps(args, state.max_steps)
 
 
 class StopOnSignal(TrainerCallback):

@@ -35,6 +35,10 @@ ResumeFlag = Annotated[
     bool, typer.Option(help="Continue output.dir's run from its newest complete checkpoint; --resume PATH: from PATH.")
 ]
 ResumeFrom = Annotated[Path | None, typer.Option(hidden=True, help="Set by `--resume PATH`.")]
+ForceResume = Annotated[
+    bool,
+    typer.Option(help="With --resume: continue even if the recipe, data or model changed since the checkpoint."),
+]
 
 
 @app.command()
@@ -44,6 +48,7 @@ def finetune(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in output.dir.")] = False,
     resume: ResumeFlag = False,
     resume_from: ResumeFrom = None,
+    force_resume: ForceResume = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only errors and where the run was saved.")
     ] = False,
@@ -59,9 +64,12 @@ def finetune(
     resume_arg: bool | Path = resume_from or resume
     if overwrite and resume_arg:
         raise UserError("--overwrite and --resume are exclusive")
+    if force_resume and not resume_arg:
+        raise UserError("only continues a run: pass it with --resume", where="--force-resume")
     loaded = load_recipe(recipe, overrides)
     display = Display(pick_mode(quiet, plain))
-    display.summary(run(loaded, overwrite=overwrite, resume=resume_arg, display=display))
+    summary = run(loaded, overwrite=overwrite, resume=resume_arg, display=display, force_resume=force_resume)
+    display.summary(summary)
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -75,6 +83,7 @@ def launch(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in output.dir.")] = False,
     resume: ResumeFlag = False,
     resume_from: ResumeFrom = None,
+    force_resume: ForceResume = False,
 ) -> None:
     """Run `accelerate launch ... -m psipo_cli finetune RECIPE` with a shipped accelerate config."""
     import shlex
@@ -84,7 +93,8 @@ def launch(
     from psipo_cli.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)  # fail here, once, rather than in every process
-    flags = [flag for flag, on in (("--overwrite", overwrite), ("--resume", resume)) if on]
+    switches = (("--overwrite", overwrite), ("--resume", resume), ("--force-resume", force_resume))
+    flags = [flag for flag, on in switches if on]
     flags += ["--resume-from", str(resume_from)] if resume_from else []
     command = launch_command(recipe, loaded, overrides or [], num_processes, config, port, flags)
     stdout.print(shlex.join(command), markup=False)

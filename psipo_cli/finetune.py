@@ -18,12 +18,20 @@ from accelerate import PartialState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig
 
-from psipo_cli.checkpoints import MarkComplete, StopOnSignal, checkpoints, prepare_resume, resume_point
+from psipo_cli.checkpoints import (
+    CurrentIntervals,
+    MarkComplete,
+    StopOnSignal,
+    checkpoints,
+    prepare_resume,
+    resume_point,
+)
 from psipo_cli.config import Recipe
 from psipo_cli.data import PreferenceData, load_pairs
 from psipo_cli.distributed import deepspeed_config, prepare_zero3_init
 from psipo_cli.errors import RunInterrupted, UserError
 from psipo_cli.export import finish_run_exports
+from psipo_cli.fingerprint import check_resume, run_fingerprint
 from psipo_cli.layout_check import forward_step_for, layout_summary
 from psipo_cli.modeling import attach_adapter, describe_reference, disable_base_dropout, load_base_model, load_tokenizer
 from psipo_cli.reference import reference_key
@@ -132,11 +140,13 @@ def run(
     overwrite: bool = False,
     resume: bool | Path = False,
     display: Display | None = None,
+    force_resume: bool = False,
 ) -> dict[str, Any]:
     """Train `recipe` into its run directory and return the summary written to summary.json.
 
     `resume`: True continues from output.dir's newest complete checkpoint, a Path from that checkpoint (or that
-    run's newest). Under a multi-process launch every process runs this; only the main one writes the run dir.
+    run's newest); `force_resume` continues even if the recipe, data or model changed since that checkpoint. Under a
+    multi-process launch every process runs this; only the main one writes the run dir.
     """
     display = display or Display("quiet")
     transformers.utils.logging.disable_progress_bar()  # the weight-loading bar: psipo's banner says what loaded
@@ -144,6 +154,8 @@ def run(
     prepared = prepare(recipe, overwrite, bool(resume))
     run_dir = Path(recipe.output.dir)
     checkpoint = resume_point(run_dir, resume if isinstance(resume, Path) else None) if resume else None
+    fingerprint = run_fingerprint(recipe, prepared.train, state.num_processes)
+    record = check_resume(checkpoint, fingerprint, force_resume, state.is_main_process)  # before anything is written
     state.wait_for_everyone()  # every process has checked output.dir before the main one creates it
     stopper = StopOnSignal()
     with _no_half_made_run(run_dir, state.is_main_process):
@@ -154,13 +166,15 @@ def run(
                 create_run_dir(run_dir, overwrite)
             else:
                 prepare_resume(run_dir, checkpoint)
+                record.keep_replaced_recipe(run_dir)
             write_recipe(run_dir, recipe)
         state.wait_for_everyone()
         trainer.check_layout()  # before the banner, which reports it (a no-op once the precompute ran it)
         display.banner(trainer, prepared)
         for callback in (ProgressCallback, PrinterCallback):  # psipo's display replaces the Trainer's tqdm/prints
             trainer.remove_callback(callback)
-        for callback in (MetricsFile(run_dir), MarkComplete(), stopper, display.callback()):
+        callbacks = (MetricsFile(run_dir), MarkComplete(record.mark()), CurrentIntervals(), stopper, display.callback())
+        for callback in callbacks:
             trainer.add_callback(callback)
         started = time.perf_counter()
         try:
@@ -175,6 +189,8 @@ def run(
         trainer.evaluate()  # logged to metrics.jsonl like the periodic evaluations
     save_adapter(trainer, run_dir)
     summary = summarize(trainer, prepared, result.metrics, runtime)
+    if record.forced:
+        summary["forced_resume"] = record.forced
     if trainer.is_world_process_zero():
         summary["plots"] = _plots(run_dir)
         write_summary(run_dir, summary)

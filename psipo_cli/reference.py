@@ -22,28 +22,10 @@ from datasets import Dataset
 from datasets.fingerprint import Hasher
 
 from psipo_cli.config import Recipe
-from psipo_cli.recipe import looks_local
+from psipo_cli.fingerprint import model_identity
 
 CACHE_FOLDER = "psipo-reference"
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-
-
-def files_identity(directory: str | None) -> list[tuple[str, int, int]] | None:
-    """(name, size, mtime_ns) of the files in a local model or adapter directory; None for a hub id."""
-    if directory is None or not Path(directory).is_dir():
-        return None
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).iterdir() if p.is_file())
-
-
-def model_identity(recipe: Recipe) -> dict[str, Any]:
-    """What names the base model's weights: hub id and revision, or a local directory's files."""
-    spec = recipe.model
-    local = looks_local(spec.name_or_path) or Path(spec.name_or_path).is_dir()
-    return {
-        "name_or_path": spec.name_or_path,
-        "revision": spec.revision,
-        "files": files_identity(spec.name_or_path) if local else None,
-    }
 
 
 def tokenizer_identity(tokenizer: Any) -> str:
@@ -57,9 +39,9 @@ def reference_key(recipe: Recipe, tokenizer: Any, pairs_fingerprint: str) -> str
     spec = recipe.model
     return Hasher.hash(
         {
-            "model": model_identity(recipe),
+            "model": model_identity(spec.name_or_path, spec.revision),
             "loading": (spec.dtype, spec.quantization, spec.quant_type, spec.double_quant, spec.attn_implementation),
-            "adapter": (recipe.adapter.init_from, files_identity(recipe.adapter.init_from)),
+            "adapter": model_identity(recipe.adapter.init_from, None) if recipe.adapter.init_from else None,
             "tokenizer": tokenizer_identity(tokenizer),
             "pairs": pairs_fingerprint,
             "max_length": recipe.data.max_length,

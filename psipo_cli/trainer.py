@@ -121,7 +121,7 @@ class PsipoTrainer(DPOTrainer):
         loss = losses.mean()
         if policy.router_aux_loss is not None:  # MoE load balancing, as TRL's DPOTrainer adds it
             loss = loss + policy.router_aux_loss
-        self._record(h, target, logps, inputs, policy.router_aux_loss)
+        self._record(h, target, logps, inputs, losses, policy.router_aux_loss)
         return (loss, {"margin": h.detach()}) if return_outputs else loss
 
     def _aggregate(self, policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor) -> tuple[Tensor, ...]:
@@ -141,9 +141,14 @@ class PsipoTrainer(DPOTrainer):
         target: Tensor | None,
         logps: tuple[Tensor, ...],
         inputs: dict[str, Tensor],
+        losses: Tensor,
         router_aux_loss: Tensor | None = None,
     ) -> None:
-        """Append this batch's metrics (averaged over all processes) for the next `log`."""
+        """Append this batch's per-pair metrics from all processes for the next `log`.
+
+        TRL's `log` averages each list: with one value per pair that is the mean over pairs, so a short last batch
+        weighs by its size, as in `psipo eval`. gather_for_metrics drops the pairs a sampler repeated to fill it.
+        """
         mode = "train" if self.model.training else "eval"
         pi_c, pi_r, ref_c, ref_r = (x.detach() for x in logps)
         values = {
@@ -156,10 +161,16 @@ class PsipoTrainer(DPOTrainer):
         }
         if target is not None:
             values["target"] = target.detach()
+        if mode == "eval":
+            # Transformers' eval_loss repeats each batch's mean loss eval_batch_size times and gather_for_metrics
+            # trims the last batch to the remainder: right in one process, but across processes a short last
+            # batch's mean includes the pairs the sampler repeated to even it out. TRL's log puts this per-pair
+            # mean in its place. The train loss stays the Trainer's (averaged over steps and accumulation).
+            values["loss"] = losses.detach()
         if router_aux_loss is not None:
             values["router_aux_loss"] = router_aux_loss.detach().reshape(1)
         for key, value in values.items():
-            self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).float().mean().item())
+            self._metrics[mode][key].extend(self.accelerator.gather_for_metrics(value).float().tolist())
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(self.forward_step.count_tokens(inputs).reshape(1))
             self._tokens_since_log += int(tokens.sum().item())

@@ -54,6 +54,22 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
     return run
 
 
+def run_psipo(*args: str | Path) -> int:
+    """`psipo ARGS...` in-process through the real entry point, for module-scoped fixtures (`cli` is per test)."""
+    import sys
+
+    from psipo_cli.cli import main
+
+    argv, sys.argv = sys.argv, ["psipo", *map(str, args)]
+    try:
+        main()
+        return 0
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = argv
+
+
 def tiny_recipe(output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """The demo recipe as a dict, with absolute paths, a tmp output dir and the given sections merged in."""
     from psipo_cli.recipe import deep_merge

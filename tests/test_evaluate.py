@@ -5,27 +5,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
+import statistics
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import TINY_DATA, assert_clean_error, tiny_recipe, write_jsonl
-
-
-def _psipo(*args: str) -> int:
-    """The real entry point, for module-scoped fixtures (the `cli` fixture is per test)."""
-    from psipo_cli.cli import main
-
-    argv, sys.argv = sys.argv, ["psipo", *args]
-    try:
-        main()
-        return 0
-    except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else 1
-    finally:
-        sys.argv = argv
+from tests.conftest import TINY_DATA, assert_clean_error, run_psipo, tiny_recipe, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +21,19 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     recipe = tiny_recipe(
         root / "run",
         data={"eval": str(TINY_DATA / "eval.jsonl")},
-        training={"max_steps": 8, "learning_rate": 5e-3, "logging_steps": 4, "eval_steps": 8},
+        # 200 eval pairs in batches of 64: the last batch holds 8, so a mean of batch means would weigh those 8
+        # pairs as much as 64 others; every logged eval metric must be the mean over pairs.
+        training={
+            "max_steps": 8,
+            "learning_rate": 5e-3,
+            "logging_steps": 4,
+            "eval_steps": 8,
+            "per_device_eval_batch_size": 64,
+        },
     )
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    assert _psipo("finetune", str(path), "--quiet") == 0
+    assert run_psipo("finetune", path, "--quiet") == 0
     return root / "run"
 
 
@@ -79,11 +73,18 @@ def test_eval_equals_the_trainers_last_evaluation(trained_run: Path, cli) -> Non
     assert logged["step"] == 8
     # Same pairs, tokenisation, batches, forward step and aggregation as the trainer's evaluation loop.
     for key in ("reward_accuracy", "loss", "target", "logratio_chosen", "logratio_rejected", "logps_chosen"):
-        assert summary[key] == pytest.approx(logged[key], abs=1e-4), key
-    assert summary["margin"]["mean"] == pytest.approx(logged["margin"], abs=1e-4)
+        assert summary[key] == pytest.approx(logged[key], abs=1e-5), key
+    assert summary["margin"]["mean"] == pytest.approx(logged["margin"], abs=1e-5)
     assert summary["reward_accuracy"] != 0.5  # 8 steps moved the margins: the comparison is not vacuous
     pairs = _lines(trained_run / "eval" / "pairs.jsonl")
     assert len(pairs) == summary["pairs"] == 200
+    # The trainer's numbers are means over pairs, computed here from the per-pair file alone ...
+    for key in ("margin", "loss"):
+        values = [p[key] for p in pairs]
+        assert logged[key] == pytest.approx(sum(values) / len(values), abs=1e-5), key
+        # ... and the batch size does not divide the data, so a mean of batch means would be told apart.
+        batch_means = [statistics.fmean(values[i : i + 64]) for i in range(0, len(values), 64)]
+        assert statistics.fmean(batch_means) != pytest.approx(logged[key], abs=1e-5), key
     margins = [p["margin"] for p in pairs]
     assert sum(margins) / len(margins) == pytest.approx(summary["margin"]["mean"], abs=1e-9)
     assert sum(m > 0 for m in margins) / len(margins) == summary["reward_accuracy"]

@@ -3,6 +3,7 @@ SIGINT saves a checkpoint and stops, torn checkpoints are never resumed from, an
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 from psipo_cli.checkpoints import COMPLETE_MARK, checkpoints
 from psipo_cli.rundir import read_metrics
-from tests.conftest import REPO, TINY_DATA, assert_clean_error, tiny_recipe
+from tests.conftest import REPO, TINY_DATA, TINY_MODEL, assert_clean_error, run_psipo, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +158,116 @@ def test_unwritable_output_dir_fails_before_training(cli, write_recipe) -> None:
     # /proc takes no new files even from root, for whom a chmod'ed directory is still writable.
     result = cli("finetune", write_recipe(output={"dir": "/proc/psipo-run"}))
     assert_clean_error(result, "output.dir", "/proc is not writable")
+
+
+# --- resuming a run whose recipe, data or model changed since the checkpoint (issue item 9) ---------------------
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-step run that saved checkpoint-2 and checkpoint-4; tests copy it and drop checkpoint-4, as if the job
+    had died after step 2."""
+    root = tmp_path_factory.mktemp("crashed")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(root / "run", training={"save_steps": 2})), encoding="utf-8")
+    assert run_psipo("finetune", recipe, "--quiet") == 0
+    return root / "run"
+
+
+def _copy_crashed(crashed: Path, tmp: Path, **training: object) -> tuple[Path, Path]:
+    """(recipe, run dir): a copy of the crashed run, its data file copied beside it, and a recipe for both."""
+    run_dir, data = tmp / "run", tmp / "train.jsonl"
+    shutil.copytree(crashed, run_dir)
+    shutil.rmtree(run_dir / "checkpoint-4")
+    (run_dir / "summary.json").unlink()
+    shutil.copyfile(TINY_DATA / "train.jsonl", data)
+    sections = tiny_recipe(run_dir, data={"train": str(data)}, training={"save_steps": 2, **training})
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(sections), encoding="utf-8")
+    return recipe, run_dir
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+def test_resume_of_an_unchanged_run_continues(crashed: Path, tmp_path: Path, cli) -> None:
+    recipe, run_dir = _copy_crashed(crashed, tmp_path)
+    result = cli("finetune", recipe, "--resume", "--quiet")
+    assert result.code == 0, result.err
+    assert _summary(run_dir)["steps"] == 4 and "forced_resume" not in _summary(run_dir)
+    assert result.err.strip() == ""  # nothing to warn about
+
+
+def test_resume_refuses_a_changed_tau_and_leaves_the_run_alone(crashed: Path, tmp_path: Path, cli) -> None:
+    recipe, run_dir = _copy_crashed(crashed, tmp_path)
+    before = _snapshot(run_dir)
+    result = cli("finetune", recipe, "objective.tau=0.1", "--resume")
+    assert_clean_error(result, "--resume", "objective.tau changed (0.5 -> 0.1)", "checkpoint-2", "--force-resume")
+    assert _snapshot(run_dir) == before  # recipe.yaml, metrics, checkpoints: not a byte changed
+
+
+def test_resume_refuses_changed_training_data(crashed: Path, tmp_path: Path, cli) -> None:
+    recipe, run_dir = _copy_crashed(crashed, tmp_path)
+    data = tmp_path / "train.jsonl"
+    rows = data.read_text(encoding="utf-8").splitlines()
+    first = json.loads(rows[0])
+    rows[0] = json.dumps({**first, "chosen": first["chosen"] + " (edited)"})
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    before = _snapshot(run_dir)
+    assert_clean_error(cli("finetune", recipe, "--resume"), "--resume", "data.train", "changed", "--force-resume")
+    assert _snapshot(run_dir) == before
+
+
+def test_resume_allows_changed_logging_and_more_steps(crashed: Path, tmp_path: Path, cli) -> None:
+    recipe, run_dir = _copy_crashed(crashed, tmp_path)
+    result = cli("finetune", recipe, "training.logging_steps=2", "training.max_steps=6", "--resume", "--quiet")
+    assert result.code == 0, result.err
+    assert _summary(run_dir)["steps"] == 6 and "forced_resume" not in _summary(run_dir)
+    assert [m["step"] for m in read_metrics(run_dir) if m["split"] == "train"] == [1, 2, 4, 6]
+
+
+def test_force_resume_continues_and_records_what_was_forced(crashed: Path, tmp_path: Path, cli) -> None:
+    recipe, run_dir = _copy_crashed(crashed, tmp_path)
+    original = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
+    result = cli("finetune", recipe, "objective.tau=0.1", "--resume", "--force-resume", "--quiet")
+    assert result.code == 0, result.err
+    assert _summary(run_dir)["forced_resume"] == ["objective.tau: 0.5 -> 0.1 (at step 2)"]
+    # recipe.yaml is what the run finished with; the recipe of steps 1-2 is kept beside it.
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))["objective"]["tau"] == 0.1
+    assert (run_dir / "recipe.until-step-2.yaml").read_text(encoding="utf-8") == original
+    # checkpoint-4, written after the forced resume, is of the changed run: extending it needs no force, and the
+    # summary still reports the change, which is part of the run's history.
+    again = cli("finetune", recipe, "objective.tau=0.1", "training.max_steps=6", "--resume", "--quiet")
+    assert again.code == 0, again.err
+    assert _summary(run_dir)["steps"] == 6
+    assert _summary(run_dir)["forced_resume"] == ["objective.tau: 0.5 -> 0.1 (at step 2)"]
+
+
+def test_checkpoints_without_fingerprints_resume_with_a_warning(crashed: Path, tmp_path: Path, cli) -> None:
+    recipe, run_dir = _copy_crashed(crashed, tmp_path)
+    (run_dir / "checkpoint-2" / COMPLETE_MARK).write_text('{"step": 2}\n', encoding="utf-8")  # older psipo's mark
+    result = cli("finetune", recipe, "--resume", "--quiet")
+    assert result.code == 0, result.err
+    warnings = [line for line in result.err.splitlines() if line.strip()]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: --resume:") and "checkpoint-2" in warnings[0]
+
+
+def test_force_resume_needs_resume(write_recipe, cli) -> None:
+    assert_clean_error(cli("finetune", write_recipe(), "--force-resume"), "--force-resume", "--resume")
+
+
+def test_a_local_model_retrained_in_place_changes_its_identity(tmp_path: Path) -> None:
+    from psipo_cli.fingerprint import model_identity
+
+    model = shutil.copytree(TINY_MODEL, tmp_path / "model")
+    before = model_identity(str(model), None)
+    assert model_identity(str(model), None) == before
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert model_identity(str(model), None) != before
+    assert model_identity("org/model", None) != model_identity("org/model", "v2")
