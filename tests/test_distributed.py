@@ -7,6 +7,7 @@ and the saved adapters within 1e-3 elementwise (see the test). `-m "not distribu
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,12 @@ CASES = {
     "zero3": ["distributed.strategy=zero3"],
     "zero3-precomputed-reference": ["distributed.strategy=zero3", "objective.precompute_ref_log_probs=true"],
     "zero3-from-accelerate-config": ["--config", str(REPO / "recipes" / "accelerate" / "zero3.yaml")],
+    # The conformance matrix's DeepSpeed cell: the engine's `config` is DeepSpeed's, the kernel must still be eager's.
+    "zero2-eager-prefix-shared": [
+        "distributed.strategy=zero2",
+        "model.attn_implementation=eager",
+        "training.prefix_sharing=true",
+    ],
 }
 
 
@@ -67,6 +74,8 @@ def test_two_processes_match_one_with_the_same_global_batch(case: str, single: P
     run_dir = tmp_path / case
     losses, reference = _losses(run_dir), _losses(single)
     assert len(losses) == STEPS
+    layout = json.loads((run_dir / "summary.json").read_text())["layout"]
+    assert layout["layout"] == "prefix-shared", layout  # checked inside the engine, on the first batch
     for got, want in zip(losses, reference, strict=True):
         assert got == pytest.approx(want, abs=1e-4)
     # The saved adapter is whole (gathered under ZeRO-3), loads in one process, and equals the single-process one.
