@@ -199,7 +199,6 @@ class Generator:
         self._strip_bos = ChatRenderer(self.tokenizer).strip
         with _loading(self.run_dir):
             self.model = load_policy(self.recipe, self.run_dir)
-            _keep_generic_4bit_kernel_where_needed(self.model)
             if reference and self.recipe.adapter.init_from:
                 self.model.load_adapter(self.recipe.adapter.init_from, adapter_name=REFERENCE_ADAPTER)
                 self.model.set_adapter(REFERENCE_ADAPTER)
@@ -263,19 +262,6 @@ class Generator:
         if self.reference and not self.recipe.adapter.init_from:
             return self.model.disable_adapter()
         return contextlib.nullcontext()
-
-
-def _keep_generic_4bit_kernel_where_needed(model: Any) -> None:
-    """Work around bitsandbytes 0.50 on CPU: on the first eval-mode forward it repacks each 4-bit weight for its
-    AVX512 inference kernel, and the repacking fails for layers whose sizes are not multiples of its blocks (e.g.
-    the tiny model's 96 inputs against 64-wide quantisation blocks). Those layers keep the generic kernel."""
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is None or not getattr(module, "support_avx512bf16_for_cpu", False):
-            continue
-        rows, cols = state.shape
-        if cols % state.blocksize or rows % 32:  # the packer's 32-row blocks (bitsandbytes.functional)
-            module.support_avx512bf16_for_cpu = False
 
 
 def open_generator(target: Path, sampling: Sampling, reference: bool = False, raw: bool = False) -> Generator:
