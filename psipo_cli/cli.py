@@ -249,14 +249,17 @@ def label(
     out: Annotated[Path, typer.Option(help="Labelled copy to write (.jsonl).", show_default=False)],
     column: Annotated[str, typer.Option(help="Name of the soft-label column to add.")] = "p_hat",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts scored per forward pass.")] = 32,
 ) -> None:
     """Write DATA back with p̂ = σ(r(chosen) − r(rejected)) from a trained reward model."""
     from psipo_cli.label import label_file
 
-    report = label_file(run, data, out, column, overwrite)
+    report = label_file(run, data, out, column, overwrite, batch_size)
+    cut = f"; {report.truncated} pairs cut to data.max_length={report.max_length} tokens as in training"
     stdout.print(
         f"{report.rows} pairs labelled, mean p̂ {report.mean_p_hat:.3f}; the reward model agrees with the "
-        f"chosen/rejected order on {report.agreement:.1%} of them; wrote {report.out}"
+        f"chosen/rejected order on {report.agreement:.1%} of them{cut if report.truncated else ''}; wrote {report.out}",
+        markup=False,
     )
 
 

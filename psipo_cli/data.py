@@ -39,6 +39,7 @@ class PreferenceData:
     source: str
     rows_read: int
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    truncated: int | None = None  # pairs cut to max_length, where counted (reward.tokenize_pairs)
 
 
 class _RowErrors:
