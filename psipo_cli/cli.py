@@ -141,6 +141,7 @@ def generate(
     seed: Seed = None,
     reference: Reference = False,
     raw: Raw = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together (left-padded).")] = 16,
 ) -> None:
     """Print a completion of each prompt by the run's trained policy."""
     from psipo_cli.export import Sampling, generate_completions, open_generator
@@ -148,7 +149,7 @@ def generate(
     sampling = Sampling(max_new_tokens, temperature, seed)
     generator = open_generator(run, sampling, reference, raw)
     err_console.print(generator.describe(), markup=False)
-    completions = generate_completions(generator, prompt, sampling)
+    completions = generate_completions(generator, prompt, sampling, batch_size)
     for text, completion in zip(prompt, completions, strict=True):
         stdout.print(f"> {text}\n{completion}\n", markup=False)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from psipo_cli.config import Columns, DataSource, Recipe
 from psipo_cli.data import validated_rows
 from psipo_cli.errors import UserError
-from psipo_cli.modeling import load_tokenizer
+from psipo_cli.modeling import load_tokenizer, to_inference_device
 from psipo_cli.reward import load_reward_model, pair_ids, preference_probability, score_ids
 from psipo_cli.rundir import require_trained, resolve_run, write_jsonl_atomic
 
@@ -51,7 +51,7 @@ def label_file(
     mapping = recipe.data.columns
     columns = Columns(prompt=mapping.prompt, chosen=mapping.chosen, rejected=mapping.rejected)
     _, pairs = validated_rows(DataSource(path=data), columns, tokenizer, "DATA")
-    model = load_reward_model(recipe, run_dir, tokenizer)
+    model = to_inference_device(load_reward_model(recipe, run_dir, tokenizer), recipe.model)
     encoded = [pair_ids(row, tokenizer, recipe.data.max_length) for _, row in pairs]
     chosen, rejected = (
         score_ids(model, tokenizer.pad_token_id, [e[key] for e in encoded], batch_size)

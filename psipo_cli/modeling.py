@@ -134,6 +134,20 @@ def load_policy(recipe: Recipe, run_dir: Path) -> Any:
     return model.eval()
 
 
+def inference_device() -> torch.device:
+    """Where label, generate, chat and eval run a model: the GPU when there is one (training leaves it to the
+    Trainer)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_inference_device(model: Any, spec: ModelSection) -> Any:
+    """`model` on `inference_device()`. A quantised model is left where bitsandbytes put it while loading (the
+    GPU when there is one): its packed weights are not moved with `.to`."""
+    if spec.quantization == "none":
+        model.to(inference_device())
+    return model
+
+
 def describe_reference(recipe: Recipe) -> str:
     """One line saying which policy the margins are measured against."""
     if recipe.objective.loss == "reward":
