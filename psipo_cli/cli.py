@@ -151,6 +151,7 @@ def generate(
     seed: Seed = None,
     reference: Reference = False,
     raw: Raw = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together (left-padded).")] = 16,
 ) -> None:
     """Print a completion of each prompt by the run's trained policy."""
     from psipo_cli.export import Sampling, generate_completions, open_generator
@@ -158,7 +159,7 @@ def generate(
     sampling = Sampling(max_new_tokens, temperature, seed)
     generator = open_generator(run, sampling, reference, raw)
     err_console.print(generator.describe(), markup=False)
-    completions = generate_completions(generator, prompt, sampling)
+    completions = generate_completions(generator, prompt, sampling, batch_size)
     for text, completion in zip(prompt, completions, strict=True):
         stdout.print(f"> {text}\n{completion}\n", markup=False)
 
@@ -259,14 +260,17 @@ def label(
     out: Annotated[Path, typer.Option(help="Labelled copy to write (.jsonl).", show_default=False)],
     column: Annotated[str, typer.Option(help="Name of the soft-label column to add.")] = "p_hat",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts scored per forward pass.")] = 32,
 ) -> None:
     """Write DATA back with p̂ = σ(r(chosen) − r(rejected)) from a trained reward model."""
     from psipo_cli.label import label_file
 
-    report = label_file(run, data, out, column, overwrite)
+    report = label_file(run, data, out, column, overwrite, batch_size)
+    cut = f"; {report.truncated} pairs cut to data.max_length={report.max_length} tokens as in training"
     stdout.print(
         f"{report.rows} pairs labelled, mean p̂ {report.mean_p_hat:.3f}; the reward model agrees with the "
-        f"chosen/rejected order on {report.agreement:.1%} of them; wrote {report.out}"
+        f"chosen/rejected order on {report.agreement:.1%} of them{cut if report.truncated else ''}; wrote {report.out}",
+        markup=False,
     )
 
 

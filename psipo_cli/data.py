@@ -41,6 +41,7 @@ class PreferenceData:
     rows_read: int
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
     fingerprint: str = ""  # content hash of the pairs as loaded (names their cache folder; resume compares it)
+    truncated: int | None = None  # pairs cut to max_length, where counted (reward.tokenize_pairs)
 
 
 class _RowErrors:

@@ -32,7 +32,7 @@ from psipo_cli.data import PreferenceData, load_pairs
 from psipo_cli.errors import UserError
 from psipo_cli.forward import ConcatenatedForward
 from psipo_cli.layout_check import forward_step_for
-from psipo_cli.modeling import load_policy, load_tokenizer
+from psipo_cli.modeling import load_policy, load_tokenizer, to_inference_device
 from psipo_cli.objectives import margin, pair_losses, sequence_logps
 from psipo_cli.recipe import load_recipe
 from psipo_cli.rundir import RECIPE_FILE, resolve_run, write_atomic, write_jsonl_atomic
@@ -171,8 +171,7 @@ def load_models(recipe: Recipe, run_dir: Path) -> tuple[Any, ReferenceContext]:
     model = load_policy(recipe, run_dir)
     # As DPOTrainer does: log-probs come from TRL's fused chunked LM head, never materialising full logits.
     add_fused_lm_head(model.get_base_model())
-    if torch.cuda.is_available() and recipe.model.quantization == "none":
-        model.to("cuda")
+    to_inference_device(model, recipe.model)
     ref_adapter = _load_reference_adapter(model, recipe) if recipe.adapter.init_from else None
     return model, lambda: use_adapter(model, ref_adapter)
 

@@ -24,7 +24,7 @@ import yaml
 from psipo_cli.chat import ChatRenderer
 from psipo_cli.config import ObjectiveSection, Recipe
 from psipo_cli.errors import UserError
-from psipo_cli.modeling import describe_reference, load_policy, load_tokenizer
+from psipo_cli.modeling import describe_reference, load_policy, load_tokenizer, to_inference_device
 from psipo_cli.recipe import looks_local
 from psipo_cli.rundir import (
     SUMMARY_FILE,
@@ -198,8 +198,7 @@ class Generator:
         self.use_template = not raw and getattr(self.tokenizer, "chat_template", None) is not None
         self._strip_bos = ChatRenderer(self.tokenizer).strip
         with _loading(self.run_dir):
-            self.model = load_policy(self.recipe, self.run_dir)
-            _keep_generic_4bit_kernel_where_needed(self.model)
+            self.model = to_inference_device(load_policy(self.recipe, self.run_dir), self.recipe.model)
             if reference and self.recipe.adapter.init_from:
                 self.model.load_adapter(self.recipe.adapter.init_from, adapter_name=REFERENCE_ADAPTER)
                 self.model.set_adapter(REFERENCE_ADAPTER)
@@ -243,39 +242,35 @@ class Generator:
             ids = self.tokenizer(self.render(messages), return_tensors="pt")["input_ids"]
         return ids[:, -room:]
 
-    @torch.no_grad()
     def reply(self, messages: list[dict[str, str]], sampling: Sampling) -> str:
-        ids = self.encode(messages, sampling.max_new_tokens).to(self.model.device)
+        return self.replies([messages], sampling)[0]
+
+    @torch.no_grad()
+    def replies(self, conversations: list[list[dict[str, str]]], sampling: Sampling) -> list[str]:
+        """One reply to each conversation, generated together: prompts left-padded so every reply starts at the
+        same position."""
+        encoded = [self.encode(messages, sampling.max_new_tokens)[0] for messages in conversations]
+        width = max(len(ids) for ids in encoded)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.stack([torch.nn.functional.pad(i, (width - len(i), 0), value=pad) for i in encoded])
+        mask = torch.stack([torch.arange(width) >= width - len(i) for i in encoded]).long()
         sample = sampling.temperature > 0
         options: dict[str, Any] = {"do_sample": sample, "max_new_tokens": sampling.max_new_tokens}
         if sample:
             options["temperature"] = sampling.temperature
         with self._active():
             out = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                pad_token_id=self.tokenizer.pad_token_id,
+                input_ids=ids.to(self.model.device),
+                attention_mask=mask.to(self.model.device),
+                pad_token_id=pad,
                 **options,
             )
-        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
     def _active(self) -> contextlib.AbstractContextManager[Any]:
         if self.reference and not self.recipe.adapter.init_from:
             return self.model.disable_adapter()
         return contextlib.nullcontext()
-
-
-def _keep_generic_4bit_kernel_where_needed(model: Any) -> None:
-    """Work around bitsandbytes 0.50 on CPU: on the first eval-mode forward it repacks each 4-bit weight for its
-    AVX512 inference kernel, and the repacking fails for layers whose sizes are not multiples of its blocks (e.g.
-    the tiny model's 96 inputs against 64-wide quantisation blocks). Those layers keep the generic kernel."""
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is None or not getattr(module, "support_avx512bf16_for_cpu", False):
-            continue
-        rows, cols = state.shape
-        if cols % state.blocksize or rows % 32:  # the packer's 32-row blocks (bitsandbytes.functional)
-            module.support_avx512bf16_for_cpu = False
 
 
 def open_generator(target: Path, sampling: Sampling, reference: bool = False, raw: bool = False) -> Generator:
@@ -292,10 +287,14 @@ def seed_sampling(seed: int | None) -> None:
         set_seed(seed)
 
 
-def generate_completions(generator: Generator, prompts: list[str], sampling: Sampling) -> list[str]:
-    """One completion per prompt, each prompt a single user turn."""
+def generate_completions(
+    generator: Generator, prompts: list[str], sampling: Sampling, batch_size: int = 16
+) -> list[str]:
+    """One completion per prompt, each prompt a single user turn, `batch_size` prompts per generate call."""
     seed_sampling(sampling.seed)
-    return [generator.reply([{"role": "user", "content": prompt}], sampling) for prompt in prompts]
+    turns = [[{"role": "user", "content": prompt}] for prompt in prompts]
+    batches = (turns[start : start + batch_size] for start in range(0, len(turns), batch_size))
+    return [reply for batch in batches for reply in generator.replies(batch, sampling)]
 
 
 def chat_loop(

@@ -36,7 +36,7 @@ from psipo_cli.layout_check import forward_step_for, layout_summary
 from psipo_cli.modeling import attach_adapter, describe_reference, disable_base_dropout, load_base_model, load_tokenizer
 from psipo_cli.reference import reference_key
 from psipo_cli.report import Display
-from psipo_cli.reward import build_reward_trainer
+from psipo_cli.reward import build_reward_trainer, tokenize_pairs
 from psipo_cli.rundir import (
     METRICS_FILE,
     MetricsFile,
@@ -68,6 +68,9 @@ def prepare(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Pr
     tokenizer = load_tokenizer(recipe.model)
     train = load_pairs(recipe.data.train, recipe.data, tokenizer, "train")
     evaluation = load_pairs(recipe.data.eval, recipe.data, tokenizer, "eval") if recipe.data.eval else None
+    if recipe.objective.loss == "reward":  # cut to max_length here, as `psipo label` cuts them
+        train = tokenize_pairs(train, tokenizer, recipe.data.max_length)
+        evaluation = evaluation and tokenize_pairs(evaluation, tokenizer, recipe.data.max_length)
     return Prepared(recipe, tokenizer, train, evaluation)
 
 
@@ -254,6 +257,7 @@ def summarize(trainer: PsipoTrainer, prepared: Prepared, train_metrics: dict, ru
         "runtime_s": round(runtime, 2),
         "train_pairs": len(prepared.train.dataset),
         "dropped_pairs": prepared.train.dropped,
+        "truncated_pairs": prepared.train.truncated,
         "final_train": _last(run_dir, "train"),
         "final_eval": _last(run_dir, "eval"),
         "train_loss_mean": train_metrics.get("train_loss"),

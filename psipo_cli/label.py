@@ -8,8 +8,8 @@ from pathlib import Path
 from psipo_cli.config import Columns, DataSource, Recipe
 from psipo_cli.data import validated_rows
 from psipo_cli.errors import UserError
-from psipo_cli.modeling import load_tokenizer
-from psipo_cli.reward import load_reward_model, preference_probability, score
+from psipo_cli.modeling import load_tokenizer, to_inference_device
+from psipo_cli.reward import load_reward_model, pair_ids, preference_probability, score_ids
 from psipo_cli.rundir import require_trained, resolve_run, write_jsonl_atomic
 
 
@@ -19,6 +19,8 @@ class LabelReport:
     mean_p_hat: float
     agreement: float  # share of rows where the reward model agrees with the chosen/rejected order (p̂ > ½)
     out: Path
+    truncated: int  # pairs cut to data.max_length tokens before scoring, as in training
+    max_length: int
 
 
 def resolve_reward_run(target: Path) -> tuple[Recipe, Path]:
@@ -34,7 +36,9 @@ def resolve_reward_run(target: Path) -> tuple[Recipe, Path]:
     return recipe, run_dir
 
 
-def label_file(target: Path, data: str, out: Path, column: str = "p_hat", overwrite: bool = False) -> LabelReport:
+def label_file(
+    target: Path, data: str, out: Path, column: str = "p_hat", overwrite: bool = False, batch_size: int = 32
+) -> LabelReport:
     if out.suffix != ".jsonl":
         raise UserError("labelled data is written as JSON lines: use a .jsonl name", where=str(out))
     if out.exists() and not overwrite:
@@ -47,10 +51,14 @@ def label_file(target: Path, data: str, out: Path, column: str = "p_hat", overwr
     mapping = recipe.data.columns
     columns = Columns(prompt=mapping.prompt, chosen=mapping.chosen, rejected=mapping.rejected)
     _, pairs = validated_rows(DataSource(path=data), columns, tokenizer, "DATA")
-    model = load_reward_model(recipe, run_dir, tokenizer)
-    chosen = score(model, tokenizer, [(row["prompt"], row["chosen"]) for _, row in pairs])
-    rejected = score(model, tokenizer, [(row["prompt"], row["rejected"]) for _, row in pairs])
+    model = to_inference_device(load_reward_model(recipe, run_dir, tokenizer), recipe.model)
+    encoded = [pair_ids(row, tokenizer, recipe.data.max_length) for _, row in pairs]
+    chosen, rejected = (
+        score_ids(model, tokenizer.pad_token_id, [e[key] for e in encoded], batch_size)
+        for key in ("chosen_ids", "rejected_ids")
+    )
     labels = [preference_probability(c, r) for c, r in zip(chosen, rejected, strict=True)]
     write_jsonl_atomic(out, [{**original, column: p_hat} for (original, _), p_hat in zip(pairs, labels, strict=True)])
     agreement = sum(p > 0.5 for p in labels) / len(labels)
-    return LabelReport(len(labels), sum(labels) / len(labels), agreement, out)
+    truncated = sum(e["truncated"] for e in encoded)
+    return LabelReport(len(labels), sum(labels) / len(labels), agreement, out, truncated, recipe.data.max_length)

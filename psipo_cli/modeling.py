@@ -80,7 +80,22 @@ def load_base_model(recipe: Recipe, auto_class: Any = AutoModelForCausalLM, **ex
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=recipe.training.gradient_checkpointing
         )
+        # Here, not in each command: the trainer's evaluations run the same 4-bit layers in eval mode as generation.
+        keep_generic_4bit_kernel_where_needed(model)
     return model
+
+
+def keep_generic_4bit_kernel_where_needed(model: Any) -> None:
+    """Work around bitsandbytes 0.50 on CPU: on the first eval-mode forward it repacks each 4-bit weight for its
+    AVX512 inference kernel, and the repacking fails for layers whose sizes are not multiples of its blocks (e.g.
+    the tiny model's 96 inputs against 64-wide quantisation blocks). Those layers keep the generic kernel."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None or not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        rows, cols = state.shape
+        if cols % state.blocksize or rows % 32:  # the packer's 32-row blocks (bitsandbytes.functional)
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(adapter: AdapterSection, task_type: str = "CAUSAL_LM", **extra: Any) -> LoraConfig:
@@ -132,6 +147,20 @@ def load_policy(recipe: Recipe, run_dir: Path) -> Any:
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot load the run's adapter ({_first_line(err)})", where=str(run_dir)) from None
     return model.eval()
+
+
+def inference_device() -> torch.device:
+    """Where label, generate, chat and eval run a model: the GPU when there is one (training leaves it to the
+    Trainer)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_inference_device(model: Any, spec: ModelSection) -> Any:
+    """`model` on `inference_device()`. A quantised model is left where bitsandbytes put it while loading (the
+    GPU when there is one): its packed weights are not moved with `.to`."""
+    if spec.quantization == "none":
+        model.to(inference_device())
+    return model
 
 
 def describe_reference(recipe: Recipe) -> str:

@@ -64,6 +64,8 @@ def banner_lines(trainer: Any, prepared: Any) -> list[str]:
     if recipe.model.trust_remote_code:
         lines.append("trust_remote_code is ON: this model's own Python code runs")
     lines += [f"dropped    {count} pairs: {reason}" for reason, count in prepared.train.dropped.items()]
+    if prepared.train.truncated:
+        lines.append(f"truncated  {prepared.train.truncated} pairs to data.max_length={recipe.data.max_length} tokens")
     lines.append(f"run dir    {recipe.output.dir}")
     return lines
 

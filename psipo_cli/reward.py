@@ -9,6 +9,7 @@ train on the labelled file with `data.columns.label`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference as RewardCollat
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
 from psipo_cli.config import AdapterSection, Recipe
+from psipo_cli.data import PreferenceData
 from psipo_cli.errors import UserError
 from psipo_cli.objectives import bradley_terry_loss
 
@@ -132,26 +134,59 @@ def load_reward_model(recipe: Recipe, run_dir: Path, tokenizer: Any) -> PeftMode
     return PeftModel.from_pretrained(base, str(run_dir)).eval()
 
 
-def _ids(tokenizer: Any, prompt: str, response: str) -> list[int]:
-    # As TRL's reward data preparation: EOS appended to plain text, then the tokenizer's own call.
+def reward_ids(tokenizer: Any, prompt: str, response: str, max_length: int | None = None) -> tuple[list[int], bool]:
+    """(the tokens the reward model scores for prompt + response, whether max_length cut them).
+
+    As TRL's reward data preparation (EOS appended to plain text, then the tokenizer's own call), then cut to the
+    first `max_length` tokens, as DPO cuts pairs (keep_start). Training and `psipo label` both use this, so a label
+    comes from exactly what the model saw in training. TRL's own rule, dropping longer pairs, would leave rows
+    without a label.
+    """
     text = prompt + response
     if not text.endswith(tokenizer.eos_token):
         text += tokenizer.eos_token
-    return tokenizer(text)["input_ids"]
+    ids = tokenizer(text, verbose=False)["input_ids"]  # verbose: no warning for texts longer than the model
+    return ids[:max_length], max_length is not None and len(ids) > max_length
+
+
+def pair_ids(row: dict[str, Any], tokenizer: Any, max_length: int) -> dict[str, Any]:
+    """chosen_ids/rejected_ids of a plain-text pair for the reward model, and whether either was cut."""
+    chosen, cut_chosen = reward_ids(tokenizer, row["prompt"], row["chosen"], max_length)
+    rejected, cut_rejected = reward_ids(tokenizer, row["prompt"], row["rejected"], max_length)
+    return {"chosen_ids": chosen, "rejected_ids": rejected, "truncated": cut_chosen or cut_rejected}
+
+
+def tokenize_pairs(data: PreferenceData, tokenizer: Any, max_length: int) -> PreferenceData:
+    """The pairs tokenised and cut for the reward trainer, with the number cut. Given `chosen_ids`/`rejected_ids`,
+    TRL skips its own tokenisation, and its max_length filter finds nothing to drop."""
+    from trl.trainer.utils import global_then_local_main_first
+
+    with global_then_local_main_first():  # one process writes the map's cache beside the shared dataset
+        dataset = data.dataset.map(pair_ids, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length})
+    cut = sum(dataset["truncated"])
+    return dataclasses.replace(data, dataset=dataset.remove_columns("truncated"), truncated=cut)
 
 
 @torch.no_grad()
-def score(model: Any, tokenizer: Any, texts: list[tuple[str, str]], batch_size: int = 32) -> list[float]:
-    """r(x, y) for each (prompt, response), right-padded batches."""
+def score_ids(model: Any, pad_token_id: int, ids: list[list[int]], batch_size: int = 32) -> list[float]:
+    """r(x, y) for each token sequence (from `reward_ids`), in right-padded batches."""
     device = next(model.parameters()).device
     rewards: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        ids = [torch.tensor(_ids(tokenizer, p, r)) for p, r in texts[start : start + batch_size]]
-        input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id)
-        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in ids], batch_first=True)
+    for start in range(0, len(ids), batch_size):
+        batch = [torch.tensor(i) for i in ids[start : start + batch_size]]
+        input_ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=pad_token_id)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(i) for i in batch], batch_first=True)
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # (b, 1)
         rewards += logits[:, 0].float().cpu().tolist()
     return rewards
+
+
+def score(
+    model: Any, tokenizer: Any, texts: list[tuple[str, str]], batch_size: int = 32, max_length: int | None = None
+) -> list[float]:
+    """r(x, y) for each (prompt, response), cut to `max_length` tokens as in training."""
+    ids = [reward_ids(tokenizer, prompt, response, max_length)[0] for prompt, response in texts]
+    return score_ids(model, tokenizer.pad_token_id, ids, batch_size)
 
 
 def preference_probability(r_chosen: float, r_rejected: float) -> float:

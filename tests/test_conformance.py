@@ -66,6 +66,20 @@ NOT_IN_TRANSFORMERS = {("gpt2 (absolute positions)", "flex_attention"), ("gemma2
 FALLS_BACK = {"mixtral (MoE)": "router balancing loss"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _static_flex_compiles() -> Any:
+    """flex_attention compiles per shape on CPU; after a second shape dynamo would retry with dynamic shapes, whose
+    CPU code fails to build in torch 2.13 (seen: a C++ compile error on the second architecture). Keep shapes static
+    and let every architecture have its own compile."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    saved = config.automatic_dynamic_shapes, config.cache_size_limit
+    config.automatic_dynamic_shapes, config.cache_size_limit = False, 64
+    yield
+    config.automatic_dynamic_shapes, config.cache_size_limit = saved
+
+
 def _model(name: str, kernel: str) -> Any:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(ARCHITECTURES[name](), attn_implementation=kernel, dtype=torch.float32)

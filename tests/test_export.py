@@ -23,11 +23,12 @@ from psipo_cli.export import (
     chat_loop,
     files_to_push,
     finish_run_exports,
+    generate_completions,
     merge_run,
     model_card,
 )
 from psipo_cli.finetune import run
-from psipo_cli.modeling import describe_reference, load_policy
+from psipo_cli.modeling import describe_reference, inference_device, load_policy
 from psipo_cli.recipe import load_recipe
 from psipo_cli.rundir import read_metrics
 from tests.conftest import TINY_DATA, TINY_MODEL, assert_clean_error, tiny_recipe
@@ -220,6 +221,29 @@ def test_generate_prints_completions_of_policy_and_reference(ipo_run, cli) -> No
     assert reference.code == 0, reference.err
     assert "reference policy" in reference.err and "adapter disabled" in reference.err
     assert reference.out.strip() != blocks[0], "greedy decoding differs once the adapter is off"
+
+
+def test_batched_generation_gives_the_one_by_one_greedy_replies(ipo_run) -> None:
+    _, run_dir, _ = ipo_run
+    generator = Generator(run_dir)
+    assert {p.device for p in generator.model.parameters()} == {inference_device()}
+    prompts = [PROMPT, "Give the opposite of fast.", "What is 14 minus 14?", "Name a colour.", "What is 2 plus 3?"]
+    assert len({len(generator.encode([{"role": "user", "content": p}], 12)[0]) for p in prompts}) > 1, "padding"
+    greedy = Sampling(max_new_tokens=12, temperature=0.0)
+    one_by_one = [generator.reply([{"role": "user", "content": p}], greedy) for p in prompts]
+    calls = []
+    generate = generator.model.generate
+    generator.model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or generate(**kw)
+    assert generate_completions(generator, prompts, greedy, batch_size=2) == one_by_one
+    assert calls == [2, 2, 1], "left-padded batches of two, not one call per prompt"
+    assert len(set(one_by_one)) > 1
+
+
+def test_inference_device_is_the_gpu_when_there_is_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert inference_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inference_device() == torch.device("cpu")
 
 
 def test_reference_of_a_run_started_from_an_adapter_is_that_adapter(ipo_run, tmp_path: Path) -> None:

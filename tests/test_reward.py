@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
+from datasets import Dataset
+from transformers import AutoTokenizer
+from trl import RewardTrainer
 
-from psipo_cli.finetune import run
+from psipo_cli.finetune import build_trainer, prepare, run
 from psipo_cli.recipe import load_recipe
 from psipo_cli.rundir import read_metrics
-from tests.conftest import RECIPES, TINY_DATA, assert_clean_error, tiny_recipe
+from tests.conftest import RECIPES, TINY_DATA, TINY_MODEL, assert_clean_error, tiny_recipe, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +75,58 @@ def test_psipo_trains_on_reward_model_labels(reward_run, cli, tmp_path: Path) ->
     expected_target = sum(math.log(p / (1 - p)) for p in clipped) / len(clipped)  # logit(p̂)/τ, τ = 1
     assert logs[0]["target"] == pytest.approx(expected_target, rel=1e-4)
     assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+def _plain_rows(path: Path, count: int) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [r for r in rows if isinstance(r["prompt"], str)][:count]
+
+
+def test_reward_training_keeps_over_long_pairs_truncated_and_counts_them(write_recipe, tmp_path: Path) -> None:
+    """TRL's RewardTrainer would silently drop pairs over max_length; psipo cuts them to it, as `psipo label` does."""
+    rows = _plain_rows(TINY_DATA / "train.jsonl", 64)
+    data = write_jsonl(tmp_path / "plain64.jsonl", rows)
+    sections = {"objective": {"loss": "reward"}, "data": {"train": str(data), "max_length": 20}}
+    recipe = load_recipe(write_recipe(**sections, training={"max_steps": 2}))
+    # TRL's own tokenisation of the pairs, without its length filter: what the reward model would see uncut.
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    texts = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    no_limit = SimpleNamespace(dataset_num_proc=None, max_length=None)
+    uncut = RewardTrainer._prepare_dataset(None, texts, tokenizer, no_limit, "t")
+    too_long = sum(max(len(r["chosen_ids"]), len(r["rejected_ids"])) > 20 for r in uncut)
+    assert too_long == 20, "measured on these 64 pairs: the test needs some, not all, pairs over max_length"
+
+    trained_on = build_trainer(prepare(recipe)).train_dataset
+    assert len(trained_on) == len(rows), "no pair dropped"
+    for seen, full in zip(trained_on, uncut, strict=True):
+        assert seen["chosen_ids"] == full["chosen_ids"][:20] and seen["rejected_ids"] == full["rejected_ids"][:20]
+
+    summary = run(recipe)
+    assert summary["train_pairs"] == 64 and summary["truncated_pairs"] == too_long
+    assert json.loads((Path(summary["run_dir"]) / "summary.json").read_text())["truncated_pairs"] == too_long
+
+
+FILLER = " Also: " + ", ".join(str(n) for n in range(40))  # ~100 tokens, far past the run's max_length of 64
+
+
+def test_label_scores_over_long_pairs_as_trained_cut_to_max_length(reward_run, cli, tmp_path: Path) -> None:
+    _, run_dir = reward_run
+    short = _plain_rows(EVAL, 3)
+    long = [{**r, "chosen": r["chosen"] + FILLER, "rejected": r["rejected"] + FILLER} for r in short]
+    longer = [{**r, "chosen": r["chosen"] + " and more", "rejected": r["rejected"] + " or so"} for r in long]
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    for a, b in zip(long, longer, strict=True):  # the test's premise: they differ only after the first 64 tokens
+        first, second = (tokenizer(r["prompt"] + r["chosen"])["input_ids"] for r in (a, b))
+        assert first[:64] == second[:64] and len(first) > 64
+    data = write_jsonl(tmp_path / "long.jsonl", short + long + longer)
+    out = tmp_path / "labelled.jsonl"
+    result = cli("label", run_dir, data, "--out", out)
+    assert result.code == 0, result.err
+    labels = [json.loads(line)["p_hat"] for line in out.read_text().splitlines()]
+    assert len(labels) == 9, "every pair labelled, none dropped"
+    assert labels[3:6] == labels[6:9], "the reward model sees the first max_length tokens, as in training"
+    assert labels[3:6] != labels[:3]
+    assert "6 pairs cut to data.max_length=64 tokens" in result.out, result.out
 
 
 def test_label_refuses_a_run_that_is_not_a_reward_model(write_recipe, cli, tmp_path: Path) -> None:
