@@ -67,3 +67,22 @@ class ChatRenderer:
         if any(trimmed.endswith(marker) for marker in self.markers):
             return trimmed
         return end_with_eos(response, self.tokenizer)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids a response ends with: EOS, and the chat template's end-of-turn token when it has another one.
+
+    Sampling must stop on both: a chat-trained policy ends its turn with the template's marker (see the module
+    docstring), which for Gemma or a Qwen base tokenizer is not EOS.
+    """
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if getattr(tokenizer, "chat_template", None) is None:
+        return ids
+    render = ChatRenderer(tokenizer)
+    try:
+        _, response = render([{"role": "user", "content": "x"}], [{"role": "assistant", "content": "y"}])
+    except Exception:  # a template that cannot render a minimal turn says nothing about its end marker
+        return ids
+    ends = [m for m in render.markers if response.endswith(m)]
+    marker = tokenizer.convert_tokens_to_ids(max(ends, key=len)) if ends else None
+    return ids + [marker] if isinstance(marker, int) and marker not in ids else ids

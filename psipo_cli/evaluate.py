@@ -26,7 +26,7 @@ from torch import Tensor
 from trl import DPOTrainer
 from trl.trainer.utils import add_fused_lm_head, use_adapter
 
-from psipo_cli.chat import ENDS_MARKED
+from psipo_cli.chat import ENDS_MARKED, stop_token_ids
 from psipo_cli.config import DataSource, Recipe
 from psipo_cli.data import PreferenceData, load_pairs
 from psipo_cli.errors import UserError
@@ -367,16 +367,17 @@ def sampling_config(tokenizer: Any, max_new_tokens: int) -> Any:
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
         num_beams=1,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
     )
 
 
-def _responses(sequences: Tensor, prompt_length: int, eos_id: int) -> list[list[int]]:
-    """Each sampled row's response tokens, up to and including its first EOS (generate pads after it)."""
+def _responses(sequences: Tensor, prompt_length: int, stop_ids: list[int]) -> list[list[int]]:
+    """Each sampled row's response tokens, up to and including its first stop token (generate pads after it)."""
     out = []
     for row in sequences[:, prompt_length:].tolist():
-        out.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+        ends = [i for i, token in enumerate(row) if token in stop_ids]
+        out.append(row[: ends[0] + 1] if ends else row)
     return out
 
 
@@ -419,6 +420,7 @@ def _sample(
 ) -> Samples:
     """`options.generate` samples per prompt from π (or π_ref), each scored under both."""
     config = sampling_config(tokenizer, options.max_new_tokens)
+    stop_ids = config.eos_token_id
     samples = Samples([], [], [])
     for prompt in prompts:
         input_ids = torch.tensor([prompt] * options.generate, device=_device(model))
@@ -426,10 +428,10 @@ def _sample(
             sequences = model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
             )
-        responses = _responses(sequences, len(prompt), tokenizer.eos_token_id)
+        responses = _responses(sequences, len(prompt), stop_ids)
         logp, logp_ref = _score_responses(model, reference, prompt, responses, recipe, tokenizer.pad_token_id)
         samples.lengths += [len(r) for r in responses]
-        samples.ended += [r[-1:] == [tokenizer.eos_token_id] for r in responses]
+        samples.ended += [bool(r) and r[-1] in stop_ids for r in responses]
         samples.log_ratios += (logp - logp_ref).tolist()
     return samples
 
@@ -511,7 +513,7 @@ def report_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _lengths(gen: dict[str, Any], who: str) -> str:
     mean, median, eos = (gen[f"{who}_{key}"] for key in ("length_mean", "length_median", "ended_with_eos"))
-    return f"mean {mean:.1f}, median {median:g} tokens; {eos:.0%} end with EOS"
+    return f"mean {mean:.1f}, median {median:g} tokens; {eos:.0%} end with a stop token (EOS or end of turn)"
 
 
 def print_report(summary: dict[str, Any], console: Any) -> None:

@@ -90,7 +90,7 @@ def reward_config(recipe: Recipe, has_eval: bool) -> RewardConfig:
         eval_strategy="steps" if has_eval else "no",
         eval_steps=recipe.training.eval_steps or recipe.training.logging_steps,
         save_strategy="steps",
-        disable_dropout=True,
+        disable_dropout=False,  # see modeling.disable_base_dropout: adapter.dropout is honoured
         use_cpu=not torch.cuda.is_available(),
         **training,
     )
@@ -100,6 +100,7 @@ def build_reward_trainer(recipe: Recipe, tokenizer: Any, train: Any, evaluation:
     if recipe.adapter.init_from is not None:
         raise UserError("a reward model starts from the base model, not from an adapter", where="adapter.init_from")
     from psipo_cli.distributed import prepare_zero3_init
+    from psipo_cli.modeling import disable_base_dropout
 
     args = reward_config(recipe, evaluation is not None)  # before the model: see finetune.build_trainer
     prepare_zero3_init(args)
@@ -108,7 +109,7 @@ def build_reward_trainer(recipe: Recipe, tokenizer: Any, train: Any, evaluation:
         model = load_reward_base(recipe)
         peft_config = reward_lora_config(recipe.adapter)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
-    return PsipoRewardTrainer(
+    trainer = PsipoRewardTrainer(
         model=model,
         args=args,
         data_collator=SoftLabelRewardCollator(pad_token_id=tokenizer.pad_token_id),
@@ -117,6 +118,8 @@ def build_reward_trainer(recipe: Recipe, tokenizer: Any, train: Any, evaluation:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    disable_base_dropout(trainer.model)
+    return trainer
 
 
 def load_reward_base(recipe: Recipe) -> Any:

@@ -118,6 +118,16 @@ def test_a_chat_response_ends_in_exactly_one_end_of_turn_token(tmp_path: Path, n
     assert "Hello." in tokenizer.decode(row["prompt_ids"])
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sampling_stops_on_eos_and_on_the_turn_marker(tmp_path: Path, name: str) -> None:
+    from psipo_cli.chat import stop_token_ids
+
+    family = FAMILIES[name]
+    tokenizer = _tokenizer(model_with_template(tmp_path / "model", family))
+    expected = {tokenizer.convert_tokens_to_ids(t) for t in (family.eos, family.end)}
+    assert set(stop_token_ids(tokenizer)) == expected
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "gemma"])
 def test_plain_text_responses_end_with_one_eos(tmp_path: Path, name: str) -> None:
     family = FAMILIES[name]

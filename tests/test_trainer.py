@@ -71,3 +71,10 @@ def test_adapter_dropout_is_honoured_and_every_other_dropout_is_off(write_recipe
             ref = [trainer.forward_step(trainer.model, inputs).chosen for _ in range(2)]
     assert not torch.allclose(first, second)
     assert torch.equal(ref[0], ref[1])
+
+
+def test_a_reward_model_keeps_its_adapter_dropout_too(write_recipe) -> None:
+    trainer = build_trainer(prepare(load_recipe(write_recipe(), ["adapter.dropout=0.3", "objective.loss=reward"])))
+    dropouts = {n: m.p for n, m in trainer.model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert {p for n, p in dropouts.items() if ".lora_dropout." in n} == {0.3}
+    assert all(p == 0.0 for n, p in dropouts.items() if ".lora_dropout." not in n)
