@@ -85,4 +85,4 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
         return ids
     ends = [m for m in render.markers if response.endswith(m)]
     marker = tokenizer.convert_tokens_to_ids(max(ends, key=len)) if ends else None
-    return ids + [marker] if isinstance(marker, int) and marker not in ids else ids
+    return [*ids, marker] if isinstance(marker, int) and marker not in ids else ids
