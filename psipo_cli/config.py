@@ -47,7 +47,13 @@ class ModelSection(Section):
 class AdapterSection(Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    dropout: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the LoRA input, in training; every other dropout of the model is off (the policy "
+        "and the adapter-off reference must differ only by the adapter).",
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="Module names to adapt, or 'all-linear' for every linear layer but the LM head.",

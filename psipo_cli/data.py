@@ -1,9 +1,12 @@
 """Read preference pairs, check every row, and hand TRL one plain-text format.
 
 Rows come from a local .jsonl/.json/.parquet/.csv file or a hub dataset. Each row is either plain
-(prompt/chosen/rejected strings) or conversational (lists of {role, content} messages, with or without a
-separate prompt column); conversational rows are rendered with the tokenizer's chat template here, so one
-file may mix both and every later step (TRL's tokenisation, prefix sharing) sees one format.
+(prompt/chosen/rejected strings; without a prompt column, chosen/rejected may be whole dialogues as text, as in
+HH-RLHF, split at the last assistant turn they share) or conversational (lists of {role, content} messages,
+with or without a separate prompt column); conversational rows are rendered with the tokenizer's chat template
+here, so one file may mix both and every later step (TRL's tokenisation, prefix sharing) sees one format.
+Every response leaves here ending with its one end marker: EOS for plain text, the template's end-of-turn
+token for chat (`psipo_cli.chat`), so TRL appends nothing.
 The output columns are `prompt`, `chosen`, `rejected` and, with soft labels, `p_hat`.
 """
 
@@ -23,6 +26,7 @@ from datasets import Dataset
 from datasets.fingerprint import Hasher
 from jinja2 import TemplateError
 
+from psipo_cli.chat import ChatRenderer, end_with_eos
 from psipo_cli.config import Columns, DataSection, DataSource
 from psipo_cli.errors import UserError, shown
 from psipo_cli.recipe import looks_local
@@ -30,6 +34,9 @@ from psipo_cli.recipe import looks_local
 MAX_LISTED_ROWS = 5  # bad rows named in one error line; the total is always given
 CSV_FIELD_LIMIT = 1 << 30  # the csv module's default (128 KiB) refuses long but legitimate responses
 _MISSING = object()  # a column absent from one row (the first row's columns are checked separately)
+# Where an assistant turn begins in dialogues stored as one text (Anthropic HH-RLHF). A prompt split off such
+# text ends just after one of these; add other dialogue formats' assistant markers here.
+ASSISTANT_TURN_MARKERS = ("\n\nAssistant:",)
 
 
 @dataclass
@@ -201,32 +208,6 @@ def _soft_label(row: dict[str, Any], columns: Columns) -> tuple[float | None, st
     return None, None
 
 
-class ChatRenderer:
-    """Render conversational rows to text with the tokenizer's chat template, checking the prompt is a prefix."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        # If the tokenizer adds BOS itself, a BOS written by the template would be doubled: strip it.
-        bos = tokenizer.bos_token
-        adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
-        self.strip = bos if adds_bos else None
-
-    def __call__(self, prompt: Any, response: Any) -> tuple[str, str]:
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError("conversational rows need a tokenizer with a chat template")
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if isinstance(response, str):
-            response = [{"role": "assistant", "content": response}]
-        head = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        full = self.tokenizer.apply_chat_template(prompt + response, tokenize=False)
-        if not full.startswith(head):
-            raise ValueError("the chat template does not render the prompt as a prefix of prompt+response")
-        if self.strip and head.startswith(self.strip):
-            head, full = head[len(self.strip) :], full[len(self.strip) :]
-        return head, full[len(head) :]
-
-
 def _whole_conversations(chosen: Any, rejected: Any) -> bool:
     """chosen and rejected are full conversations sharing their leading (prompt) messages."""
     return (
@@ -246,6 +227,21 @@ def _split_implicit_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[li
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
+def _has_dialogue(text: Any) -> bool:
+    return isinstance(text, str) and any(marker in text for marker in ASSISTANT_TURN_MARKERS)
+
+
+def _split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """Whole dialogues in chosen/rejected: the prompt runs to the end of the last assistant-turn marker both
+    share. Not their longest common prefix, which cuts into responses that begin alike ("I think X"/"I think Y")."""
+    pairs = zip(chosen, rejected, strict=False)  # stops at the shorter: one may extend the other
+    shared = chosen[: next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(chosen), len(rejected)))]
+    cut = max((shared.rfind(m) + len(m) for m in ASSISTANT_TURN_MARKERS if m in shared), default=None)
+    if cut is None:
+        return None
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
 def _normalise_row(row: Any, columns: Columns, render: ChatRenderer) -> tuple[dict[str, Any] | None, str | None]:
     """(plain-text row, problem)."""
     if not isinstance(row, dict):
@@ -257,6 +253,15 @@ def _normalise_row(row: Any, columns: Columns, render: ChatRenderer) -> tuple[di
     if _whole_conversations(chosen, rejected):
         # e.g. UltraFeedback: chosen/rejected hold the user turn too; a prompt column, if any, repeats it.
         prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
+    elif prompt is _MISSING and isinstance(chosen, str) and isinstance(rejected, str):
+        # e.g. HH-RLHF: chosen/rejected are whole dialogues as text, the prompt implicit in both.
+        if (split := _split_dialogue(chosen, rejected)) is None:
+            markers = " or ".join(map(repr, ASSISTANT_TURN_MARKERS))
+            return None, f"no '{columns.prompt}' column, and chosen and rejected share no {markers} turn to split it at"
+        prompt, chosen, rejected = split
+        for name, value in ((columns.chosen, chosen), (columns.rejected, rejected)):
+            if (problem := _field_problem(value, name)) is not None:
+                return None, f"{problem} after the shared dialogue"
     elif (problem := _field_problem(prompt, columns.prompt)) is not None:
         return None, problem
     p_hat, problem = _soft_label(row, columns)
@@ -267,6 +272,8 @@ def _normalise_row(row: Any, columns: Columns, render: ChatRenderer) -> tuple[di
             prompt_text, chosen = render(prompt, chosen)
             _, rejected = render(prompt, rejected)
             prompt = prompt_text
+        else:
+            chosen, rejected = (end_with_eos(text, render.tokenizer) for text in (chosen, rejected))
     except ValueError as err:
         return None, str(err)
     except (TypeError, TemplateError) as err:  # a template that refuses these messages (e.g. roles out of order)
@@ -283,8 +290,9 @@ def _check_columns(first: Any, columns: Columns, where: str) -> None:
     if not isinstance(first, dict):
         return
     needed = [columns.chosen, columns.rejected]
-    if columns.prompt in first or not _is_messages(first.get(columns.chosen)):
-        needed.insert(0, columns.prompt)  # the prompt may only be implicit in whole conversations
+    implicit = _is_messages(first.get(columns.chosen)) or _has_dialogue(first.get(columns.chosen))
+    if columns.prompt in first or not implicit:
+        needed.insert(0, columns.prompt)  # the prompt may only be implicit in whole conversations or dialogues
     needed += columns.label_columns
     missing = [c for c in needed if c not in first]
     if missing:
@@ -337,9 +345,9 @@ def cached_dataset(rows: list[dict[str, Any]], digest: str) -> Dataset:
     """The pairs as an Arrow dataset stored under the datasets cache, in a folder named by their content hash
     `digest` (Hasher.hash of the rows).
 
-    Every process of a launch, and every rerun on the same data, opens the same files with the same
-    fingerprint, so caches TRL keeps beside a dataset (the precomputed reference log-probs) are shared and
-    reused. An in-memory dataset would give each process its own temporary cache.
+    Every process of a launch, and every rerun on the same data, opens the same files, so the tokenised copies
+    TRL caches beside a dataset are shared and reused. An in-memory dataset would give each process its own
+    temporary cache.
     """
     import datasets
     from trl.trainer.utils import global_then_local_main_first
