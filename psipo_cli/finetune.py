@@ -172,7 +172,8 @@ def run(
                 record.keep_replaced_recipe(run_dir)
             write_recipe(run_dir, recipe)
         state.wait_for_everyone()
-        trainer.check_layout()  # before the banner, which reports it (a no-op once the precompute ran it)
+        if isinstance(trainer, PsipoTrainer):  # a reward model scores single rows: no pair layout to check
+            trainer.check_layout()  # before the banner, which reports it (a no-op once the precompute ran it)
         display.banner(trainer, prepared)
         for callback in (ProgressCallback, PrinterCallback):  # psipo's display replaces the Trainer's tqdm/prints
             trainer.remove_callback(callback)
