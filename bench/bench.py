@@ -11,7 +11,7 @@ non-embedding parameters, the tiny tokenizer's 768-token vocabulary, saved to a 
 `assets/tiny-llama`'s tokenizer, so both trainers load the same weights from disk), a new LoRA adapter
 (r 16, alpha 32, no dropout, all linear layers), batch 4, max_length 512, IPO with τ = 0.1 (token-mean
 log-probs in both), constant learning rate, seed 0. psipo is built through its own API (a recipe dict →
-`psipo_cli.finetune.prepare` + `build_trainer`) with `training.prefix_sharing` true ("shared": one
+`psipo_cli.training.finetune.prepare` + `build_trainer`) with `training.prefix_sharing` true ("shared": one
 `[prompt | chosen | rejected]` row per pair) and false ("concat": TRL's layout, 2 rows per pair); TRL is built
 directly (`DPOConfig` + `DPOTrainer(peft_config=LoraConfig(...))`). Each configuration is one subprocess
 (`bench.py --one SPEC`), 1 warm-up + 3 timed steps, 3 repeats with the arms alternating (order reversed on every
@@ -181,7 +181,7 @@ def worker_setup(spec: dict[str, Any]) -> dict[str, Any]:
         assert lengths == {(prompt, response, response)}, f"{name}: token lengths {lengths}"
         assert prompt + response <= spec["max_length"], f"{name}: longer than max_length"
         shapes[name] = {"prompt": prompt, "response": response, "tokens_per_pair": prompt + 2 * response}
-    from psipo_cli.config import TrainingSection
+    from psipo_cli.recipe.schema import TrainingSection
 
     return {
         "has_prefix_sharing": "prefix_sharing" in TrainingSection.model_fields,
@@ -307,8 +307,8 @@ def _time_precompute() -> list[float]:
 
 
 def _psipo_trainer(spec: dict[str, Any], out: Path) -> Any:
-    from psipo_cli.config import Recipe, TrainingSection
-    from psipo_cli.finetune import build_trainer, prepare
+    from psipo_cli.recipe.schema import Recipe, TrainingSection
+    from psipo_cli.training.finetune import build_trainer, prepare
 
     training = {
         "learning_rate": 1e-4,

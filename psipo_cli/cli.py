@@ -57,9 +57,9 @@ def finetune(
     ] = False,
 ) -> None:
     """Fine-tune the recipe's model on its preference data."""
-    from psipo_cli.finetune import run
-    from psipo_cli.recipe import load_recipe
-    from psipo_cli.report import Display, pick_mode
+    from psipo_cli.recipe.loader import load_recipe
+    from psipo_cli.run.display import Display, pick_mode
+    from psipo_cli.training.finetune import run
 
     resume_arg: bool | Path = resume_from or resume
     if overwrite and resume_arg:
@@ -89,8 +89,8 @@ def launch(
     import shlex
     import subprocess
 
-    from psipo_cli.distributed import launch_command
-    from psipo_cli.recipe import load_recipe
+    from psipo_cli.recipe.loader import load_recipe
+    from psipo_cli.training.distributed import launch_command
 
     loaded = load_recipe(recipe, overrides)  # fail here, once, rather than in every process
     switches = (("--overwrite", overwrite), ("--resume", resume), ("--force-resume", force_resume))
@@ -105,7 +105,7 @@ def launch(
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Check a recipe and print it fully resolved (defaults filled in, paths absolute)."""
-    from psipo_cli.recipe import dump_recipe, load_recipe
+    from psipo_cli.recipe.loader import dump_recipe, load_recipe
 
     stdout.print(dump_recipe(load_recipe(recipe, overrides)), end="", markup=False)
 
@@ -131,7 +131,7 @@ def merge(
     ] = None,
 ) -> None:
     """Merge the run's adapter into its base model: a plain transformers model (safetensors) + tokenizer."""
-    from psipo_cli.export import merge_run
+    from psipo_cli.tools.export import merge_run
 
     report = merge_run(run, out, overwrite, dtype)
     note = f"; the {report.dequantised} base was loaded unquantised" if report.dequantised else ""
@@ -154,7 +154,7 @@ def generate(
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together (left-padded).")] = 16,
 ) -> None:
     """Print a completion of each prompt by the run's trained policy."""
-    from psipo_cli.export import Sampling, generate_completions, open_generator
+    from psipo_cli.tools.export import Sampling, generate_completions, open_generator
 
     sampling = Sampling(max_new_tokens, temperature, seed)
     generator = open_generator(run, sampling, reference, raw)
@@ -174,7 +174,7 @@ def chat(
     raw: Raw = False,
 ) -> None:
     """Chat with the run's policy: one line per turn from stdin, until end of input or /exit (/reset forgets)."""
-    from psipo_cli.export import Sampling, chat_loop, open_generator, stdin_reader
+    from psipo_cli.tools.export import Sampling, chat_loop, open_generator, stdin_reader
 
     sampling = Sampling(max_new_tokens, temperature, seed)
     generator = open_generator(run, sampling, reference, raw)
@@ -189,7 +189,7 @@ def push(
     public: Annotated[bool, typer.Option(help="Create a missing repository public (default: private).")] = False,
 ) -> None:
     """Upload a finished run (adapter, tokenizer, model card, metrics; no checkpoints) to the Hugging Face Hub."""
-    from psipo_cli.export import push_finished_run
+    from psipo_cli.tools.export import push_finished_run
 
     stdout.print(f"pushed to {push_finished_run(run, repo_id, private=not public)}", markup=False)
 
@@ -209,7 +209,7 @@ def evaluate(
     """Score a finished run on preference pairs: margins, reward accuracy, loss, drift (and KL with --generate)."""
     import json
 
-    from psipo_cli.evaluate import EvalOptions, evaluate_run, print_report
+    from psipo_cli.tools.evaluate import EvalOptions, evaluate_run, print_report
 
     options = EvalOptions(data, out, generate, prompts, max_new_tokens, overwrite)
     summary = evaluate_run(run, overrides, options)
@@ -224,7 +224,7 @@ def plot(
     run: Annotated[Path, typer.Argument(help="Run directory, finished or in progress.", show_default=False)],
 ) -> None:
     """Draw a run's metrics as PNGs in RUN/plots/ (one per metric, and overview.png)."""
-    from psipo_cli.plots import write_plots
+    from psipo_cli.tools.plots import write_plots
 
     for path in write_plots(run):
         stdout.print(str(path), markup=False)
@@ -237,7 +237,7 @@ def compare(
     overwrite: Annotated[bool, typer.Option(help="Replace plots already in --out.")] = False,
 ) -> None:
     """Overlay several runs' metrics in one set of plots and tabulate their final metrics."""
-    from psipo_cli.plots import compare_runs, print_table
+    from psipo_cli.tools.plots import compare_runs, print_table
 
     paths, table = compare_runs(runs, out, overwrite=overwrite)
     print_table(table, stdout)
@@ -263,7 +263,7 @@ def label(
     batch_size: Annotated[int, typer.Option(min=1, help="Texts scored per forward pass.")] = 32,
 ) -> None:
     """Write DATA back with p̂ = σ(r(chosen) − r(rejected)) from a trained reward model."""
-    from psipo_cli.label import label_file
+    from psipo_cli.tools.label import label_file
 
     report = label_file(run, data, out, column, overwrite, batch_size)
     cut = f"; {report.truncated} pairs cut to data.max_length={report.max_length} tokens as in training"
@@ -290,7 +290,7 @@ def bandit(
     plot: Annotated[Path | None, typer.Option(help="Write learning curves to this .png.", show_default=False)] = None,
 ) -> None:
     """Train the paper's tabular bandit examples and compare with the closed-form optimum."""
-    from psipo_cli.bandit_report import check_plot_path, print_table, run_bandit, save_plot, to_json
+    from psipo_cli.paper.bandit_report import check_plot_path, print_table, run_bandit, save_plot, to_json
 
     if plot is not None:
         check_plot_path(plot)

@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from psipo_cli.config import Recipe
+from psipo_cli.recipe.schema import Recipe
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- recipe-keys:start (make docs) -->", "<!-- recipe-keys:end -->"

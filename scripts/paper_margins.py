@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from psipo_cli.finetune import run
-from psipo_cli.recipe import load_recipe
-from psipo_cli.rundir import read_metrics
+from psipo_cli.recipe.loader import load_recipe
+from psipo_cli.run.directory import read_metrics
+from psipo_cli.training.finetune import run
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

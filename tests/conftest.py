@@ -72,7 +72,7 @@ def run_psipo(*args: str | Path) -> int:
 
 def tiny_recipe(output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """The demo recipe as a dict, with absolute paths, a tmp output dir and the given sections merged in."""
-    from psipo_cli.recipe import deep_merge
+    from psipo_cli.recipe.loader import deep_merge
 
     base = {
         "model": {"name_or_path": str(TINY_MODEL), "dtype": "float32"},

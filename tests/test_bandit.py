@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from psipo_cli.bandit import (
+from psipo_cli.errors import UserError
+from psipo_cli.objectives import margin, pair_losses
+from psipo_cli.paper.bandit import (
     Pair,
     closed_form,
     parse_actions,
@@ -19,8 +21,6 @@ from psipo_cli.bandit import (
     summarize,
     train_bandit,
 )
-from psipo_cli.errors import UserError
-from psipo_cli.objectives import margin, pair_losses
 
 TAUS = [0.1, 0.5, 1.0]
 PAPER_STEPS = 18_000

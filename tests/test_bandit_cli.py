@@ -131,8 +131,8 @@ def test_table_shows_intervals_closed_form_and_gap(cli):
 
 def test_cli_defaults_match_train_bandit():
     """The command's defaults are the paper's, and the same as `train_bandit`'s (no drift between the two)."""
-    from psipo_cli.bandit import train_bandit
     from psipo_cli.cli import bandit
+    from psipo_cli.paper.bandit import train_bandit
 
     command, trainer = inspect.signature(bandit).parameters, inspect.signature(train_bandit).parameters
     for name in ("steps", "lr", "batch", "seeds", "seed"):

@@ -15,9 +15,9 @@ import pytest
 from tokenizers import AddedToken
 from transformers import AutoTokenizer
 
-from psipo_cli.config import DataSection
-from psipo_cli.data import load_pairs
-from psipo_cli.evaluate import tokenize_pairs
+from psipo_cli.data.pairs import load_pairs
+from psipo_cli.recipe.schema import DataSection
+from psipo_cli.tools.evaluate import tokenize_pairs
 from tests.conftest import TINY_MODEL, write_jsonl
 
 CHATML = (
@@ -89,8 +89,8 @@ def model_with_template(root: Path, family: Family) -> Path:
 
 
 def _tokenizer(root: Path) -> Any:
-    from psipo_cli.config import ModelSection
-    from psipo_cli.modeling import load_tokenizer
+    from psipo_cli.models.loading import load_tokenizer
+    from psipo_cli.recipe.schema import ModelSection
 
     return load_tokenizer(ModelSection(name_or_path=str(root)))
 
@@ -120,7 +120,7 @@ def test_a_chat_response_ends_in_exactly_one_end_of_turn_token(tmp_path: Path, n
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_sampling_stops_on_eos_and_on_the_turn_marker(tmp_path: Path, name: str) -> None:
-    from psipo_cli.chat import stop_token_ids
+    from psipo_cli.data.chat import stop_token_ids
 
     family = FAMILIES[name]
     tokenizer = _tokenizer(model_with_template(tmp_path / "model", family))
@@ -141,8 +141,8 @@ def test_plain_text_responses_end_with_one_eos(tmp_path: Path, name: str) -> Non
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "row"), [("gemma", CHAT), ("chatml-base", CHAT), ("chatml-base", PLAIN)])
 def test_the_trainer_tokenises_one_end_marker_per_response(write_recipe, tmp_path: Path, name: str, row) -> None:
-    from psipo_cli.finetune import build_trainer, prepare
-    from psipo_cli.recipe import load_recipe
+    from psipo_cli.recipe.loader import load_recipe
+    from psipo_cli.training.finetune import build_trainer, prepare
 
     family = FAMILIES[name]
     model = model_with_template(tmp_path / "model", family)

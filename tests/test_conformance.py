@@ -29,8 +29,8 @@ from transformers import (
 )
 from trl.trainer.utils import add_fused_lm_head
 
-from psipo_cli.forward import ConcatenatedForward, PrefixSharedForward, concatenated_from_shared
-from psipo_cli.layout_check import CheckedForward
+from psipo_cli.training.forward import ConcatenatedForward, PrefixSharedForward, concatenated_from_shared
+from psipo_cli.training.layout_check import CheckedForward
 from tests.conftest import TINY_DATA
 
 WINDOW = 6  # shorter than every test row (prompts alone are ~10 tokens)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from psipo_cli.config import DataSection
-from psipo_cli.data import load_pairs
+from psipo_cli.data.pairs import load_pairs
 from psipo_cli.errors import UserError
-from psipo_cli.modeling import load_tokenizer
-from psipo_cli.recipe import load_recipe
+from psipo_cli.models.loading import load_tokenizer
+from psipo_cli.recipe.loader import load_recipe
+from psipo_cli.recipe.schema import DataSection
 from tests.conftest import TINY_DATA, assert_clean_error, write_jsonl
 
 PLAIN = {"prompt": "What is 2 plus 2?\nAnswer:", "chosen": " It is 4.", "rejected": " It is 5."}
@@ -25,7 +25,7 @@ CHAT = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from psipo_cli.config import ModelSection
+    from psipo_cli.recipe.schema import ModelSection
     from tests.conftest import TINY_MODEL
 
     return load_tokenizer(ModelSection(name_or_path=str(TINY_MODEL)))
@@ -104,7 +104,7 @@ def test_plain_text_without_a_prompt_column_or_dialogue_is_a_missing_column(tmp_
 
 @pytest.mark.slow
 def test_a_recipe_on_whole_dialogue_rows_trains(write_recipe, tmp_path: Path) -> None:
-    from psipo_cli.finetune import run
+    from psipo_cli.training.finetune import run
 
     rows = [
         {

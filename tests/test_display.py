@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from psipo_cli import report
-from psipo_cli.report import Display
+from psipo_cli.run import display as report
+from psipo_cli.run.display import Display
 from tests.conftest import TINY_DATA
 
 pytestmark = pytest.mark.slow

@@ -19,11 +19,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from psipo_cli.distributed import deepspeed_config, launch_command
 from psipo_cli.errors import UserError
-from psipo_cli.finetune import run
-from psipo_cli.recipe import load_recipe
-from psipo_cli.rundir import read_metrics
+from psipo_cli.recipe.loader import load_recipe
+from psipo_cli.run.directory import read_metrics
+from psipo_cli.training.distributed import deepspeed_config, launch_command
+from psipo_cli.training.finetune import run
 from tests.conftest import REPO, TINY_MODEL, tiny_recipe
 
 STEPS = 4

@@ -43,7 +43,7 @@ def fake_run(tmp_path: Path, write_recipe) -> Path:
 
     Enough for every check that must fail before a model is loaded.
     """
-    from psipo_cli.recipe import dump_recipe, load_recipe
+    from psipo_cli.recipe.loader import dump_recipe, load_recipe
 
     run = tmp_path / "fake-run"
     run.mkdir()
@@ -58,7 +58,7 @@ def _lines(path: Path) -> list[dict]:
 
 
 def _last_eval(run: Path) -> dict:
-    from psipo_cli.rundir import read_metrics
+    from psipo_cli.run.directory import read_metrics
 
     return [m for m in read_metrics(run) if m["split"] == "eval"][-1]
 

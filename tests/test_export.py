@@ -15,8 +15,11 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from psipo_cli.config import Recipe
-from psipo_cli.export import (
+from psipo_cli.models.loading import describe_reference, inference_device, load_policy
+from psipo_cli.recipe.loader import load_recipe
+from psipo_cli.recipe.schema import Recipe
+from psipo_cli.run.directory import read_metrics
+from psipo_cli.tools.export import (
     Generator,
     Sampling,
     card_metadata,
@@ -27,10 +30,7 @@ from psipo_cli.export import (
     merge_run,
     model_card,
 )
-from psipo_cli.finetune import run
-from psipo_cli.modeling import describe_reference, inference_device, load_policy
-from psipo_cli.recipe import load_recipe
-from psipo_cli.rundir import read_metrics
+from psipo_cli.training.finetune import run
 from tests.conftest import TINY_DATA, TINY_MODEL, assert_clean_error, tiny_recipe
 
 FAKE_TOKEN = "hf_fakeTOKEN123"
@@ -187,8 +187,8 @@ def test_qlora_run_merges_into_a_float_model_close_to_the_quantised_one(cli, tmp
 def test_reward_run_merges_into_a_sequence_classifier_with_the_same_scores(cli, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from psipo_cli.modeling import load_tokenizer
-    from psipo_cli.reward import load_reward_model, score
+    from psipo_cli.models.loading import load_tokenizer
+    from psipo_cli.training.reward import load_reward_model, score
 
     _, run_dir, recipe = _train(tmp_path, "rm", ["objective.loss=reward"])
     result = cli("merge", run_dir, "--out", tmp_path / "merged")

@@ -12,9 +12,9 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from psipo_cli.finetune import build_trainer, prepare, run
-from psipo_cli.recipe import load_recipe
-from psipo_cli.rundir import read_metrics
+from psipo_cli.recipe.loader import load_recipe
+from psipo_cli.run.directory import read_metrics
+from psipo_cli.training.finetune import build_trainer, prepare, run
 from tests.conftest import RECIPES, TINY_DATA, TINY_MODEL, tiny_recipe
 
 pytestmark = pytest.mark.slow

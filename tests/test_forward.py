@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from psipo_cli.finetune import build_trainer, prepare
-from psipo_cli.forward import ConcatenatedForward, PrefixSharedForward
-from psipo_cli.recipe import load_recipe
+from psipo_cli.recipe.loader import load_recipe
+from psipo_cli.training.finetune import build_trainer, prepare
+from psipo_cli.training.forward import ConcatenatedForward, PrefixSharedForward
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +64,8 @@ def test_prefix_shared_loss_and_gradients_equal_the_concatenated_ones(write_reci
 
 
 def test_training_with_prefix_sharing_follows_the_concatenated_run(write_recipe, tmp_path: Path) -> None:
-    from psipo_cli.finetune import run
-    from psipo_cli.rundir import read_metrics
+    from psipo_cli.run.directory import read_metrics
+    from psipo_cli.training.finetune import run
 
     losses = []
     for prefix in (True, False):
@@ -79,7 +79,7 @@ def test_training_with_prefix_sharing_follows_the_concatenated_run(write_recipe,
 
 
 def test_precomputed_reference_is_cached_and_reused_on_a_rerun(write_recipe, monkeypatch) -> None:
-    from psipo_cli.trainer import PsipoTrainer
+    from psipo_cli.training.preference import PsipoTrainer
 
     recipe = load_recipe(write_recipe(), ["objective.precompute_ref_log_probs=true"])
     first = build_trainer(prepare(recipe))

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
 
-from psipo_cli import masks
-from psipo_cli.finetune import build_trainer, prepare, run
-from psipo_cli.forward import PrefixSharedForward
-from psipo_cli.layout_check import CheckedForward
-from psipo_cli.masks import allowed, attention_kernel, mask_mod
-from psipo_cli.recipe import load_recipe
-from psipo_cli.rundir import read_metrics
+from psipo_cli.models import masks
+from psipo_cli.models.masks import allowed, attention_kernel, mask_mod
+from psipo_cli.recipe.loader import load_recipe
+from psipo_cli.run.directory import read_metrics
+from psipo_cli.training.finetune import build_trainer, prepare, run
+from psipo_cli.training.forward import PrefixSharedForward
+from psipo_cli.training.layout_check import CheckedForward
 from tests.conftest import assert_clean_error
 
 

@@ -13,7 +13,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from psipo_cli.plots import (
+from psipo_cli.recipe.loader import dump_recipe, load_recipe
+from psipo_cli.tools.plots import (
     DPI,
     OVERVIEW,
     PANEL_SIZE,
@@ -23,7 +24,6 @@ from psipo_cli.plots import (
     overview_size,
     write_plots,
 )
-from psipo_cli.recipe import dump_recipe, load_recipe
 from tests.conftest import TINY_DATA, assert_clean_error, tiny_recipe, write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -211,7 +211,7 @@ def test_compare_tells_runs_with_the_same_name_apart(tmp_path: Path) -> None:
 
 
 def _train(tmp: Path, name: str, **sections: Any) -> Path:
-    from psipo_cli.finetune import run
+    from psipo_cli.training.finetune import run
 
     recipe = load_recipe(_recipe_file(tmp / f"{name}.yaml", tmp / name, **REAL_RUN, **sections))
     run(recipe)

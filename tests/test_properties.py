@@ -14,11 +14,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from psipo_cli.config import Columns, DataSource, Recipe
-from psipo_cli.data import validated_rows
+from psipo_cli.data.pairs import validated_rows
 from psipo_cli.errors import UserError
 from psipo_cli.objectives import psipo_target
-from psipo_cli.recipe import deep_merge, load_recipe
+from psipo_cli.recipe.loader import deep_merge, load_recipe
+from psipo_cli.recipe.schema import Columns, DataSource, Recipe
 from tests.conftest import TINY_MODEL, tiny_recipe
 
 # database=None: nothing written into the checkout; failures print their example for reproduction.
@@ -170,8 +170,8 @@ ROWS = st.builds(
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from psipo_cli.config import ModelSection
-    from psipo_cli.modeling import load_tokenizer
+    from psipo_cli.models.loading import load_tokenizer
+    from psipo_cli.recipe.schema import ModelSection
 
     return load_tokenizer(ModelSection(name_or_path=str(TINY_MODEL)))
 

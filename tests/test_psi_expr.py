@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from psipo_cli.errors import UserError
 from psipo_cli.objectives import pair_losses, psipo_target, resolve_psi
 from psipo_cli.psi_expr import PsiExpressionError, compile_psi, parse
-from psipo_cli.recipe import load_recipe
+from psipo_cli.recipe.loader import load_recipe
 from tests.conftest import TINY_DATA, assert_clean_error
 
 P_HAT = torch.tensor([0.0, 0.01, 0.2, 0.5, 0.7, 0.93, 1.0])

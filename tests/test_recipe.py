@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from psipo_cli.config import Recipe
 from psipo_cli.errors import UserError
-from psipo_cli.recipe import load_recipe
+from psipo_cli.recipe.loader import load_recipe
+from psipo_cli.recipe.schema import Recipe
 from tests.conftest import RECIPES, assert_clean_error
 
 SHIPPED = sorted(RECIPES.glob("**/*.yaml"))

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from psipo_cli.finetune import build_trainer, prepare
-from psipo_cli.recipe import load_recipe
-from psipo_cli.trainer import PsipoTrainer
+from psipo_cli.recipe.loader import load_recipe
+from psipo_cli.training.finetune import build_trainer, prepare
+from psipo_cli.training.preference import PsipoTrainer
 from tests.conftest import TINY_MODEL
 
 pytestmark = pytest.mark.slow

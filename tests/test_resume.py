@@ -16,8 +16,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from psipo_cli.checkpoints import COMPLETE_MARK, checkpoints
-from psipo_cli.rundir import read_metrics
+from psipo_cli.run.checkpoints import COMPLETE_MARK, checkpoints
+from psipo_cli.run.directory import read_metrics
 from tests.conftest import REPO, TINY_DATA, TINY_MODEL, assert_clean_error, run_psipo, tiny_recipe
 
 pytestmark = pytest.mark.slow
@@ -262,7 +262,7 @@ def test_force_resume_needs_resume(write_recipe, cli) -> None:
 
 
 def test_a_local_model_retrained_in_place_changes_its_identity(tmp_path: Path) -> None:
-    from psipo_cli.fingerprint import model_identity
+    from psipo_cli.run.fingerprint import model_identity
 
     model = shutil.copytree(TINY_MODEL, tmp_path / "model")
     before = model_identity(str(model), None)

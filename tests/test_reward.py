@@ -13,9 +13,9 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import RewardTrainer
 
-from psipo_cli.finetune import build_trainer, prepare, run
-from psipo_cli.recipe import load_recipe
-from psipo_cli.rundir import read_metrics
+from psipo_cli.recipe.loader import load_recipe
+from psipo_cli.run.directory import read_metrics
+from psipo_cli.training.finetune import build_trainer, prepare, run
 from tests.conftest import RECIPES, TINY_DATA, TINY_MODEL, assert_clean_error, tiny_recipe, write_jsonl
 
 pytestmark = pytest.mark.slow

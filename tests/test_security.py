@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from psipo_cli.recipe import load_recipe
+from psipo_cli.recipe.loader import load_recipe
 
 FAKE_TOKEN = "hf_psipoFakeToken0123456789abcdefXYZ"
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MixtralConfig
 
-from psipo_cli.finetune import build_trainer, prepare
-from psipo_cli.recipe import load_recipe
+from psipo_cli.recipe.loader import load_recipe
+from psipo_cli.training.finetune import build_trainer, prepare
 from tests.conftest import TINY_MODEL
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from psipo_cli.errors import UserError
-from psipo_cli.rundir import METRICS_FILE, read_metrics, write_atomic, write_jsonl_atomic
+from psipo_cli.run.directory import METRICS_FILE, read_metrics, write_atomic, write_jsonl_atomic
 
 COMPLETE_MARK = "psipo-complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

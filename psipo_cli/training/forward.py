@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from psipo_cli.masks import UnsupportedLayout, attention_masks, model_config
+from psipo_cli.models.masks import UnsupportedLayout, attention_masks, model_config
 
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1  # `branch` of a token in a shared row
 # `visible`: the branches that may attend to a token, one bit per branch (see masks.py).

@@ -19,12 +19,12 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from psipo_cli.chat import ENDS_MARKED
-from psipo_cli.config import ObjectiveSection
-from psipo_cli.forward import ConcatenatedForward, ForwardStep, PairLogps
-from psipo_cli.layout_check import CheckedForward
+from psipo_cli.data.chat import ENDS_MARKED
 from psipo_cli.objectives import margin, pair_losses, sequence_logps
-from psipo_cli.reference import reference_model, with_reference
+from psipo_cli.recipe.schema import ObjectiveSection
+from psipo_cli.training.forward import ConcatenatedForward, ForwardStep, PairLogps
+from psipo_cli.training.layout_check import CheckedForward
+from psipo_cli.training.reference import reference_model, with_reference
 
 
 class PsipoTrainer(DPOTrainer):
@@ -42,7 +42,7 @@ class PsipoTrainer(DPOTrainer):
 
     def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
         """TRL's tokenisation, without its add-EOS step: psipo's data already ends every response with its one
-        end marker (see `psipo_cli.chat`), which for chat rows may be a turn marker that is not EOS."""
+        end marker (see `psipo_cli.data.chat`), which for chat rows may be a turn marker that is not EOS."""
         tokenizer, self._tokenizer = self._tokenizer, ENDS_MARKED
         try:
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)

@@ -26,16 +26,16 @@ from torch import Tensor
 from trl import DPOTrainer
 from trl.trainer.utils import add_fused_lm_head, use_adapter
 
-from psipo_cli.chat import ENDS_MARKED, stop_token_ids
-from psipo_cli.config import DataSource, Recipe
-from psipo_cli.data import PreferenceData, load_pairs
+from psipo_cli.data.chat import ENDS_MARKED, stop_token_ids
+from psipo_cli.data.pairs import PreferenceData, load_pairs
 from psipo_cli.errors import UserError
-from psipo_cli.forward import ConcatenatedForward
-from psipo_cli.layout_check import forward_step_for
-from psipo_cli.modeling import load_policy, load_tokenizer, to_inference_device
+from psipo_cli.models.loading import load_policy, load_tokenizer, to_inference_device
 from psipo_cli.objectives import margin, pair_losses, sequence_logps
-from psipo_cli.recipe import load_recipe
-from psipo_cli.rundir import RECIPE_FILE, resolve_run, write_atomic, write_jsonl_atomic
+from psipo_cli.recipe.loader import load_recipe
+from psipo_cli.recipe.schema import DataSource, Recipe
+from psipo_cli.run.directory import RECIPE_FILE, resolve_run, write_atomic, write_jsonl_atomic
+from psipo_cli.training.forward import ConcatenatedForward
+from psipo_cli.training.layout_check import forward_step_for
 
 EVAL_DIR = "eval"
 PAIRS_FILE = "pairs.jsonl"

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 import yaml
 
-from psipo_cli.chat import ChatRenderer
-from psipo_cli.config import ObjectiveSection, Recipe
+from psipo_cli.data.chat import ChatRenderer
 from psipo_cli.errors import UserError
-from psipo_cli.modeling import describe_reference, load_policy, load_tokenizer, to_inference_device
-from psipo_cli.recipe import looks_local
-from psipo_cli.rundir import (
+from psipo_cli.models.loading import describe_reference, load_policy, load_tokenizer, to_inference_device
+from psipo_cli.recipe.loader import looks_local
+from psipo_cli.recipe.schema import ObjectiveSection, Recipe
+from psipo_cli.run.directory import (
     SUMMARY_FILE,
     check_writable,
     library_versions,
@@ -116,7 +116,7 @@ def _is_reward(recipe: Recipe) -> bool:
 
 def _merged_model(recipe: Recipe, run_dir: Path, dtype: str | None) -> tuple[Any, Any]:
     """(merged model, tokenizer): the run's base loaded unquantised in `merge_dtype`, adapter applied and merged."""
-    from psipo_cli.reward import load_reward_model
+    from psipo_cli.training.reward import load_reward_model
 
     plain = recipe.model.model_copy(update={"quantization": "none", "dtype": merge_dtype(recipe, dtype)})
     unquantised = recipe.model_copy(update={"model": plain})

@@ -21,14 +21,14 @@ import torch
 from torch import Tensor
 
 from psipo_cli.errors import UserError
-from psipo_cli.forward import (
+from psipo_cli.models.masks import UnsupportedLayout
+from psipo_cli.training.forward import (
     ConcatenatedForward,
     PairLogps,
     PrefixSharedCollator,
     PrefixSharedForward,
     concatenated_from_shared,
 )
-from psipo_cli.masks import UnsupportedLayout
 
 # Largest per-token difference (nats) between the layouts that is float noise, by compute dtype. Leaked attention
 # moves trained models' log-probs by O(1) nats; a window ignored on tiny random models by ~1e-2. In half precision

@@ -6,7 +6,7 @@ HH-RLHF, split at the last assistant turn they share) or conversational (lists o
 with or without a separate prompt column); conversational rows are rendered with the tokenizer's chat template
 here, so one file may mix both and every later step (TRL's tokenisation, prefix sharing) sees one format.
 Every response leaves here ending with its one end marker: EOS for plain text, the template's end-of-turn
-token for chat (`psipo_cli.chat`), so TRL appends nothing.
+token for chat (`psipo_cli.data.chat`), so TRL appends nothing.
 The output columns are `prompt`, `chosen`, `rejected` and, with soft labels, `p_hat`.
 """
 
@@ -26,10 +26,10 @@ from datasets import Dataset
 from datasets.fingerprint import Hasher
 from jinja2 import TemplateError
 
-from psipo_cli.chat import ChatRenderer, end_with_eos
-from psipo_cli.config import Columns, DataSection, DataSource
+from psipo_cli.data.chat import ChatRenderer, end_with_eos
 from psipo_cli.errors import UserError, shown
-from psipo_cli.recipe import looks_local
+from psipo_cli.recipe.loader import looks_local
+from psipo_cli.recipe.schema import Columns, DataSection, DataSource
 
 MAX_LISTED_ROWS = 5  # bad rows named in one error line; the total is always given
 CSV_FIELD_LIMIT = 1 << 30  # the csv module's default (128 KiB) refuses long but legitimate responses

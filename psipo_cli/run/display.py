@@ -17,8 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from transformers import TrainerCallback
 
-from psipo_cli.layout_check import describe_layout
-from psipo_cli.modeling import describe_reference
+from psipo_cli.models.loading import describe_reference
+from psipo_cli.training.layout_check import describe_layout
 
 Mode = Literal["rich", "plain", "quiet"]
 

@@ -14,9 +14,9 @@ import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from psipo_cli.config import AdapterSection, ModelSection, Recipe
 from psipo_cli.errors import UserError
-from psipo_cli.recipe import looks_local
+from psipo_cli.recipe.loader import looks_local
+from psipo_cli.recipe.schema import AdapterSection, ModelSection, Recipe
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -23,10 +23,10 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference as RewardCollator
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-from psipo_cli.config import AdapterSection, Recipe
-from psipo_cli.data import PreferenceData
+from psipo_cli.data.pairs import PreferenceData
 from psipo_cli.errors import UserError
 from psipo_cli.objectives import bradley_terry_loss
+from psipo_cli.recipe.schema import AdapterSection, Recipe
 
 LABEL_FLOOR = 1e-6  # p̂ is kept strictly inside (0, 1), so a logit Ψ downstream never sees ±∞
 
@@ -72,7 +72,7 @@ class PsipoRewardTrainer(RewardTrainer):
 
 
 def reward_lora_config(adapter: AdapterSection) -> LoraConfig:
-    from psipo_cli.modeling import lora_config
+    from psipo_cli.models.loading import lora_config
 
     # The new scalar head trains in full and is saved with the adapter.
     return lora_config(adapter, "SEQ_CLS", modules_to_save=["score"])
@@ -80,7 +80,7 @@ def reward_lora_config(adapter: AdapterSection) -> LoraConfig:
 
 def reward_config(recipe: Recipe, has_eval: bool) -> RewardConfig:
     training = recipe.training.model_dump(exclude={"eval_steps", "prefix_sharing"})  # a reward model scores rows
-    from psipo_cli.distributed import deepspeed_config
+    from psipo_cli.training.distributed import deepspeed_config
 
     return RewardConfig(
         output_dir=recipe.output.dir,
@@ -99,8 +99,8 @@ def reward_config(recipe: Recipe, has_eval: bool) -> RewardConfig:
 def build_reward_trainer(recipe: Recipe, tokenizer: Any, train: Any, evaluation: Any, model: Any = None) -> Any:
     if recipe.adapter.init_from is not None:
         raise UserError("a reward model starts from the base model, not from an adapter", where="adapter.init_from")
-    from psipo_cli.distributed import prepare_zero3_init
-    from psipo_cli.modeling import disable_base_dropout
+    from psipo_cli.models.loading import disable_base_dropout
+    from psipo_cli.training.distributed import prepare_zero3_init
 
     args = reward_config(recipe, evaluation is not None)  # before the model: see finetune.build_trainer
     prepare_zero3_init(args)
@@ -124,7 +124,7 @@ def build_reward_trainer(recipe: Recipe, tokenizer: Any, train: Any, evaluation:
 
 def load_reward_base(recipe: Recipe) -> Any:
     """The base model with a fresh scalar head; the causal LM head it drops and the new head are expected."""
-    from psipo_cli.modeling import load_base_model
+    from psipo_cli.models.loading import load_base_model
 
     with suppress_seqcls_warning():
         return load_base_model(recipe, AutoModelForSequenceClassification, num_labels=1)

@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from psipo_cli.config import ObjectiveSection, Recipe
 from psipo_cli.errors import UserError
-from psipo_cli.rundir import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, read_metrics
+from psipo_cli.recipe.schema import ObjectiveSection, Recipe
+from psipo_cli.run.directory import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, read_metrics
 
 PLOTS_DIR = "plots"
 OVERVIEW = "overview.png"
@@ -99,7 +99,7 @@ def _is_number(value: Any) -> bool:
 
 def load_run(run_dir: Path) -> Run:
     """Read a run directory, finished or in progress; a UserError if it is not a run or has logged nothing."""
-    from psipo_cli.recipe import load_recipe
+    from psipo_cli.recipe.loader import load_recipe
 
     where = str(run_dir)
     if not run_dir.exists():

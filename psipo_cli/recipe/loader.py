@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from psipo_cli.config import Recipe
 from psipo_cli.errors import UserError, shown
+from psipo_cli.recipe.schema import Recipe
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 

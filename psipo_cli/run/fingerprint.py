@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from psipo_cli.checkpoints import COMPLETE_MARK, checkpoint_step
-from psipo_cli.config import Recipe
-from psipo_cli.data import PreferenceData
+from psipo_cli.data.pairs import PreferenceData
 from psipo_cli.errors import UserError, shown
-from psipo_cli.rundir import RECIPE_FILE, write_atomic
+from psipo_cli.recipe.schema import Recipe
+from psipo_cli.run.checkpoints import COMPLETE_MARK, checkpoint_step
+from psipo_cli.run.directory import RECIPE_FILE, write_atomic
 
 # Recipe keys (and the sections under them) that change how a run is watched, saved, spread or reported, not what it
 # computes. max_steps/num_train_epochs: extending (or shortening) a run is legitimate; a decaying schedule is then

@@ -18,9 +18,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from psipo_cli.config import Recipe
 from psipo_cli.errors import UserError
-from psipo_cli.recipe import dump_recipe
+from psipo_cli.recipe.loader import dump_recipe
+from psipo_cli.recipe.schema import Recipe
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -126,7 +126,7 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 def resolve_run(target: Path, finished: bool = True) -> tuple[Recipe, Path]:
     """(recipe, run directory) of a run (a finished one unless told otherwise), given its directory or the recipe
     whose output.dir it is."""
-    from psipo_cli.recipe import load_recipe
+    from psipo_cli.recipe.loader import load_recipe
 
     if target.is_dir():
         if not (target / RECIPE_FILE).is_file():

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from psipo_cli.config import Columns, DataSource, Recipe
-from psipo_cli.data import validated_rows
+from psipo_cli.data.pairs import validated_rows
 from psipo_cli.errors import UserError
-from psipo_cli.modeling import load_tokenizer, to_inference_device
-from psipo_cli.reward import load_reward_model, pair_ids, preference_probability, score_ids
-from psipo_cli.rundir import require_trained, resolve_run, write_jsonl_atomic
+from psipo_cli.models.loading import load_tokenizer, to_inference_device
+from psipo_cli.recipe.schema import Columns, DataSource, Recipe
+from psipo_cli.run.directory import require_trained, resolve_run, write_jsonl_atomic
+from psipo_cli.training.reward import load_reward_model, pair_ids, preference_probability, score_ids
 
 
 @dataclass

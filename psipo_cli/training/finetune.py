@@ -18,7 +18,17 @@ from accelerate import PartialState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig
 
-from psipo_cli.checkpoints import (
+from psipo_cli.data.pairs import PreferenceData, load_pairs
+from psipo_cli.errors import RunInterrupted, UserError
+from psipo_cli.models.loading import (
+    attach_adapter,
+    describe_reference,
+    disable_base_dropout,
+    load_base_model,
+    load_tokenizer,
+)
+from psipo_cli.recipe.schema import Recipe
+from psipo_cli.run.checkpoints import (
     CurrentIntervals,
     MarkComplete,
     StopOnSignal,
@@ -26,18 +36,7 @@ from psipo_cli.checkpoints import (
     prepare_resume,
     resume_point,
 )
-from psipo_cli.config import Recipe
-from psipo_cli.data import PreferenceData, load_pairs
-from psipo_cli.distributed import deepspeed_config, prepare_zero3_init
-from psipo_cli.errors import RunInterrupted, UserError
-from psipo_cli.export import finish_run_exports
-from psipo_cli.fingerprint import check_resume, run_fingerprint
-from psipo_cli.layout_check import forward_step_for, layout_summary
-from psipo_cli.modeling import attach_adapter, describe_reference, disable_base_dropout, load_base_model, load_tokenizer
-from psipo_cli.reference import reference_key
-from psipo_cli.report import Display
-from psipo_cli.reward import build_reward_trainer, tokenize_pairs
-from psipo_cli.rundir import (
+from psipo_cli.run.directory import (
     METRICS_FILE,
     MetricsFile,
     check_free_space,
@@ -49,7 +48,14 @@ from psipo_cli.rundir import (
     write_recipe,
     write_summary,
 )
-from psipo_cli.trainer import PsipoTrainer
+from psipo_cli.run.display import Display
+from psipo_cli.run.fingerprint import check_resume, run_fingerprint
+from psipo_cli.tools.export import finish_run_exports
+from psipo_cli.training.distributed import deepspeed_config, prepare_zero3_init
+from psipo_cli.training.layout_check import forward_step_for, layout_summary
+from psipo_cli.training.preference import PsipoTrainer
+from psipo_cli.training.reference import reference_key
+from psipo_cli.training.reward import build_reward_trainer, tokenize_pairs
 
 
 @dataclass
@@ -204,7 +210,7 @@ def run(
 
 def _plots(run_dir: Path) -> list[str]:
     """The run's PNG plots; none (not an error) when matplotlib, an optional extra, is not installed."""
-    from psipo_cli.plots import write_plots
+    from psipo_cli.tools.plots import write_plots
 
     try:
         return [str(path) for path in write_plots(run_dir)]

@@ -21,8 +21,8 @@ from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 
-from psipo_cli.config import Recipe
-from psipo_cli.fingerprint import model_identity
+from psipo_cli.recipe.schema import Recipe
+from psipo_cli.run.fingerprint import model_identity
 
 CACHE_FOLDER = "psipo-reference"
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")

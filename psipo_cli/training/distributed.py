@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from psipo_cli.config import DistributedSection, Recipe
 from psipo_cli.errors import UserError
+from psipo_cli.recipe.schema import DistributedSection, Recipe
 
-ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "accelerate"
 
 
 def launcher_zero_stage() -> int | None:

@@ -20,8 +20,8 @@ from rich.table import Table
 from torch import Tensor
 
 from psipo_cli import objectives
-from psipo_cli.bandit import Pair, closed_form, parse_actions, parse_pairs, summarize, train_bandit
 from psipo_cli.errors import UserError
+from psipo_cli.paper.bandit import Pair, closed_form, parse_actions, parse_pairs, summarize, train_bandit
 
 CURVE_POINTS = 180  # recorded steps per curve: every 100th step at the paper's 18,000
 # IPO is ΨPO with identity Ψ and DPO's Ψ is implicitly the logit: `--psi` only changes ΨPO rows.

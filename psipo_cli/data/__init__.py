@@ -1,0 +1,1 @@
+"""Preference data: files and hub datasets read and checked row by row (`pairs`), chat rendering (`chat`)."""

@@ -1,0 +1,1 @@
+"""The base model, its adapter and the reference it gives when disabled (`loading`); attention masks (`masks`)."""

@@ -1,0 +1,1 @@
+"""The paper's bandit examples (Azar et al. 2023, §5): tabular policies against closed forms."""

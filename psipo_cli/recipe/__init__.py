@@ -1,0 +1,1 @@
+"""The recipe: one schema for every key (`schema`) and the YAML loader with extends and overrides (`loader`)."""

@@ -1,0 +1,1 @@
+"""The run directory: files, checkpoints and what they were trained on, and the console display."""
