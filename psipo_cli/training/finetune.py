@@ -8,25 +8,16 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
 from accelerate import PartialState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from trl import DPOConfig
 
-from psipo_cli.data.pairs import PreferenceData, load_pairs
+from psipo_cli.data.pairs import load_pairs
 from psipo_cli.errors import RunInterrupted, UserError
-from psipo_cli.models.loading import (
-    attach_adapter,
-    describe_reference,
-    disable_base_dropout,
-    load_base_model,
-    load_tokenizer,
-)
+from psipo_cli.models.loading import describe_reference, load_tokenizer
 from psipo_cli.recipe.schema import Recipe
 from psipo_cli.run.checkpoints import (
     CurrentIntervals,
@@ -51,89 +42,26 @@ from psipo_cli.run.directory import (
 from psipo_cli.run.display import Display
 from psipo_cli.run.fingerprint import check_resume, run_fingerprint
 from psipo_cli.tools.export import finish_run_exports
-from psipo_cli.training.distributed import deepspeed_config, prepare_zero3_init
-from psipo_cli.training.layout_check import forward_step_for, layout_summary
-from psipo_cli.training.preference import PsipoTrainer
-from psipo_cli.training.reference import reference_key
-from psipo_cli.training.reward import build_reward_trainer, tokenize_pairs
-
-
-@dataclass
-class Prepared:
-    """Everything validated and loaded, nothing written yet."""
-
-    recipe: Recipe
-    tokenizer: Any
-    train: PreferenceData
-    eval: PreferenceData | None
+from psipo_cli.training.inputs import Prepared
+from psipo_cli.training.layout_check import layout_summary
+from psipo_cli.training.stages import stage_for
 
 
 def prepare(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Prepared:
-    """All user-facing checks that need no model weights: output dir, tokenizer, data."""
+    """All user-facing checks that need no model weights: output dir, tokenizer, data (then the stage's own step)."""
     check_output_dir(Path(recipe.output.dir), overwrite, resume)
     tokenizer = load_tokenizer(recipe.model)
     train = load_pairs(recipe.data.train, recipe.data, tokenizer, "train")
     evaluation = load_pairs(recipe.data.eval, recipe.data, tokenizer, "eval") if recipe.data.eval else None
-    if recipe.objective.loss == "reward":  # cut to max_length here, as `psipo label` cuts them
-        train = tokenize_pairs(train, tokenizer, recipe.data.max_length)
-        evaluation = evaluation and tokenize_pairs(evaluation, tokenizer, recipe.data.max_length)
-    return Prepared(recipe, tokenizer, train, evaluation)
-
-
-def dpo_config(recipe: Recipe, has_eval: bool) -> DPOConfig:
-    """TRL's config from the recipe: training.* by name, the rest mapped explicitly."""
-    training = recipe.training.model_dump(exclude={"eval_steps", "prefix_sharing"})
-    return DPOConfig(
-        output_dir=recipe.output.dir,
-        deepspeed=deepspeed_config(recipe.distributed),
-        report_to=[r for r in recipe.output.report_to if r != "none"] or "none",
-        max_length=recipe.data.max_length,
-        truncation_mode="keep_start",
-        precompute_ref_log_probs=False,  # psipo precomputes after the trainer is built (reference.py)
-        beta=recipe.objective.tau,  # unused by psipo's loss; kept so TRL's model card states τ
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=recipe.training.eval_steps or recipe.training.logging_steps,
-        save_strategy="steps",
-        disable_dropout=False,  # TRL's would zero adapter.dropout too; modeling.disable_base_dropout spares it
-        use_cpu=not torch.cuda.is_available(),
-        **training,
-    )
+    return stage_for(recipe.objective.loss).prepare(Prepared(recipe, tokenizer, train, evaluation))
 
 
 def build_trainer(prepared: Prepared, model: Any = None) -> Any:
-    """The trainer for a prepared run; `model` (e.g. a reloaded PeftModel) replaces loading the recipe's."""
-    recipe, tokenizer = prepared.recipe, prepared.tokenizer
+    """The trainer of the recipe's stage; `model` (e.g. a reloaded PeftModel) replaces loading the recipe's."""
     # Seed before any model is built: a reward model's fresh scalar head is drawn while loading, before the
     # Trainer seeds itself, so without this it depended on whatever ran earlier in the process.
-    transformers.set_seed(recipe.training.seed)
-    if recipe.objective.loss == "reward":
-        evaluation = prepared.eval.dataset if prepared.eval else None
-        return build_reward_trainer(recipe, tokenizer, prepared.train.dataset, evaluation, model)
-    # The arguments come first: under ZeRO-3 they hold the DeepSpeed config that zero.Init reads while the
-    # model is being built, so the weights are sharded as they load.
-    args = dpo_config(recipe, prepared.eval is not None)
-    prepare_zero3_init(args)
-    peft_config = None
-    if model is None:
-        model, peft_config = attach_adapter(load_base_model(recipe), recipe.adapter)
-    forward = forward_step_for(recipe.training.prefix_sharing, tokenizer.pad_token_id)
-    trainer = PsipoTrainer(
-        model=model,
-        args=args,
-        data_collator=forward.collator(tokenizer.pad_token_id, recipe.data.max_length),
-        train_dataset=prepared.train.dataset,
-        eval_dataset=prepared.eval.dataset if prepared.eval else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        objective=recipe.objective,
-        forward_step=forward,
-    )
-    disable_base_dropout(trainer.model)
-    if recipe.objective.precompute_ref_log_probs:
-        splits = {"train": prepared.train, "eval": prepared.eval}
-        keys = {name: reference_key(recipe, tokenizer, data.fingerprint) for name, data in splits.items() if data}
-        trainer.reference_cache_hits = trainer.precompute_reference(keys)
-    return trainer
+    transformers.set_seed(prepared.recipe.training.seed)
+    return stage_for(prepared.recipe.objective.loss).build(prepared, model)
 
 
 def save_adapter(trainer: Any, run_dir: Path) -> None:
@@ -178,8 +106,7 @@ def run(
                 record.keep_replaced_recipe(run_dir)
             write_recipe(run_dir, recipe)
         state.wait_for_everyone()
-        if isinstance(trainer, PsipoTrainer):  # a reward model scores single rows: no pair layout to check
-            trainer.check_layout()  # before the banner, which reports it (a no-op once the precompute ran it)
+        stage_for(recipe.objective.loss).ready(trainer)  # e.g. the layout self-check, which the banner reports
         display.banner(trainer, prepared)
         for callback in (ProgressCallback, PrinterCallback):  # psipo's display replaces the Trainer's tqdm/prints
             trainer.remove_callback(callback)
@@ -246,7 +173,7 @@ def _last_eval_step(run_dir: Path) -> int | None:
     return _last(run_dir, "eval").get("step")
 
 
-def summarize(trainer: PsipoTrainer, prepared: Prepared, train_metrics: dict, runtime: float) -> dict[str, Any]:
+def summarize(trainer: Any, prepared: Prepared, train_metrics: dict, runtime: float) -> dict[str, Any]:
     run_dir = Path(prepared.recipe.output.dir)
     objective = prepared.recipe.objective
     return {

@@ -17,6 +17,7 @@ from torch import Tensor
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from psipo_cli.models.masks import UnsupportedLayout, attention_masks, model_config
+from psipo_cli.objectives import sequence_logps
 
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1  # `branch` of a token in a shared row
 # `visible`: the branches that may attend to a token, one bit per branch (see masks.py).
@@ -32,6 +33,18 @@ class PairLogps:
     chosen_tokens: Tensor  # (B,)
     rejected_tokens: Tensor  # (B,)
     router_aux_loss: Tensor | None = None  # () MoE load balancing, already times router_aux_loss_coef
+
+
+def aggregate(policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor, how: str) -> tuple[Tensor, ...]:
+    """(π_c, π_r, ref_c, ref_r) per sequence, as sum or token mean (`objectives.sequence_logps`) over the policy's
+    response tokens, in fp32 so the squared losses keep their precision. The trainer and `psipo eval` both use it."""
+    n_c, n_r = policy.chosen_tokens, policy.rejected_tokens
+    return (
+        sequence_logps(policy.chosen.float(), n_c, how),
+        sequence_logps(policy.rejected.float(), n_r, how),
+        sequence_logps(ref_chosen.float().to(n_c.device), n_c, how),
+        sequence_logps(ref_rejected.float().to(n_r.device), n_r, how),
+    )
 
 
 class ForwardStep(Protocol):
@@ -57,15 +70,26 @@ def _router_kwargs(model: Any, router_aux: bool) -> dict[str, Any]:
     return {"output_router_logits": router_aux} if router_aux_coef(model) else {}
 
 
+PER_PAIR_FLOATS = ("ref_chosen_logps", "ref_rejected_logps", "p_hat")  # optional columns, one number per pair
+
+
+def per_pair_floats(examples: list[dict[str, Any]], keys: tuple[str, ...] = PER_PAIR_FLOATS) -> dict[str, Tensor]:
+    """The optional per-pair numbers the data has (soft label p̂, precomputed reference log-probs), as (B,) floats.
+
+    Every collator (both layouts here, the reward model's) passes them through the same way."""
+    return {
+        key: torch.tensor([example[key] for example in examples], dtype=torch.float32)
+        for key in keys
+        if key in examples[0]
+    }
+
+
 @dataclass
 class PreferenceCollator(DataCollatorForPreference):
-    """TRL's preference collator, also passing the soft label p̂ when the data has one."""
+    """TRL's preference collator (which passes the reference log-probs itself), also passing the soft label p̂."""
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = super().torch_call(examples)
-        if "p_hat" in examples[0]:
-            batch["p_hat"] = torch.tensor([example["p_hat"] for example in examples], dtype=torch.float32)
-        return batch
+        return {**super().torch_call(examples), **per_pair_floats(examples, ("p_hat",))}
 
 
 class ConcatenatedForward:
@@ -150,10 +174,7 @@ class PrefixSharedCollator:
             "rejected_mask": _stack(rows, "rejected", width, False),
             "prompt_lengths": torch.stack([row["prompt_length"] for row in rows]),
         }
-        for key in ("ref_chosen_logps", "ref_rejected_logps", "p_hat"):
-            if key in examples[0]:
-                batch[key] = torch.tensor([example[key] for example in examples], dtype=torch.float32)
-        return batch
+        return {**batch, **per_pair_floats(examples)}
 
     def _row(self, example: dict[str, Any]) -> dict[str, Tensor]:
         prompt, chosen, rejected = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]

@@ -15,16 +15,20 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from trl import DPOTrainer
+from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from psipo_cli.data.chat import ENDS_MARKED
-from psipo_cli.objectives import margin, pair_losses, sequence_logps
+from psipo_cli.models.loading import attach_adapter, disable_base_dropout, load_base_model
+from psipo_cli.objectives import margin, pair_losses
 from psipo_cli.recipe.schema import ObjectiveSection
-from psipo_cli.training.forward import ConcatenatedForward, ForwardStep, PairLogps
-from psipo_cli.training.layout_check import CheckedForward
-from psipo_cli.training.reference import reference_model, with_reference
+from psipo_cli.training.arguments import trainer_arguments
+from psipo_cli.training.distributed import prepare_zero3_init
+from psipo_cli.training.forward import ConcatenatedForward, ForwardStep, aggregate
+from psipo_cli.training.inputs import Prepared
+from psipo_cli.training.layout_check import CheckedForward, forward_step_for
+from psipo_cli.training.reference import reference_key, reference_model, with_reference
 
 
 class PsipoTrainer(DPOTrainer):
@@ -108,7 +112,7 @@ class PsipoTrainer(DPOTrainer):
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
-        logps = self._aggregate(policy, ref_chosen, ref_rejected)
+        logps = aggregate(policy, ref_chosen, ref_rejected, self.objective.logps)
         h = margin(*logps)  # (B,)
         losses, target = pair_losses(
             self.objective.loss,
@@ -123,17 +127,6 @@ class PsipoTrainer(DPOTrainer):
             loss = loss + policy.router_aux_loss
         self._record(h, target, logps, inputs, losses, policy.router_aux_loss)
         return (loss, {"margin": h.detach()}) if return_outputs else loss
-
-    def _aggregate(self, policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor) -> tuple[Tensor, ...]:
-        """(π_c, π_r, ref_c, ref_r) as sum or token mean, in fp32 so the squared losses keep their precision."""
-        how = self.objective.logps
-        n_c, n_r = policy.chosen_tokens, policy.rejected_tokens
-        return (
-            sequence_logps(policy.chosen.float(), n_c, how),
-            sequence_logps(policy.rejected.float(), n_r, how),
-            sequence_logps(ref_chosen.float().to(n_c.device), n_c, how),
-            sequence_logps(ref_rejected.float().to(n_r.device), n_r, how),
-        )
 
     def _record(
         self,
@@ -197,3 +190,41 @@ class PsipoTrainer(DPOTrainer):
         elif "eval_runtime" in logs and self._last_log_time is not None:
             self._last_log_time += logs["eval_runtime"]  # evaluation time is not training time
         super().log(logs, start_time)
+
+
+def build_preference_trainer(prepared: Prepared, model: Any = None) -> PsipoTrainer:
+    """The preference stage's trainer (DPO, IPO, ΨPO), its layout self-checked and, if the recipe asks, its reference
+    precomputed; `model` (e.g. a reloaded PeftModel) replaces loading the recipe's."""
+    recipe, tokenizer = prepared.recipe, prepared.tokenizer
+    # The arguments come first: under ZeRO-3 they hold the DeepSpeed config that zero.Init reads while the
+    # model is being built, so the weights are sharded as they load.
+    args = trainer_arguments(
+        DPOConfig,
+        recipe,
+        prepared.eval is not None,
+        truncation_mode="keep_start",
+        precompute_ref_log_probs=False,  # psipo precomputes after the trainer is built (reference.py)
+        beta=recipe.objective.tau,  # unused by psipo's loss; kept so TRL's model card states τ
+    )
+    prepare_zero3_init(args)
+    peft_config = None
+    if model is None:
+        model, peft_config = attach_adapter(load_base_model(recipe), recipe.adapter)
+    forward = forward_step_for(recipe.training.prefix_sharing, tokenizer.pad_token_id)
+    trainer = PsipoTrainer(
+        model=model,
+        args=args,
+        data_collator=forward.collator(tokenizer.pad_token_id, recipe.data.max_length),
+        train_dataset=prepared.train.dataset,
+        eval_dataset=prepared.eval.dataset if prepared.eval else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        objective=recipe.objective,
+        forward_step=forward,
+    )
+    disable_base_dropout(trainer.model)
+    if recipe.objective.precompute_ref_log_probs:  # runs the self-check on its first batch
+        splits = {"train": prepared.train, "eval": prepared.eval}
+        keys = {name: reference_key(recipe, tokenizer, data.fingerprint) for name, data in splits.items() if data}
+        trainer.reference_cache_hits = trainer.precompute_reference(keys)
+    return trainer

@@ -25,8 +25,13 @@ from trl.trainer.reward_trainer import suppress_seqcls_warning
 
 from psipo_cli.data.pairs import PreferenceData
 from psipo_cli.errors import UserError
+from psipo_cli.models.loading import disable_base_dropout, load_base_model, lora_config
 from psipo_cli.objectives import bradley_terry_loss
 from psipo_cli.recipe.schema import AdapterSection, Recipe
+from psipo_cli.training.arguments import trainer_arguments
+from psipo_cli.training.distributed import prepare_zero3_init
+from psipo_cli.training.forward import per_pair_floats
+from psipo_cli.training.inputs import Prepared
 
 LABEL_FLOOR = 1e-6  # p̂ is kept strictly inside (0, 1), so a logit Ψ downstream never sees ±∞
 
@@ -36,10 +41,7 @@ class SoftLabelRewardCollator(RewardCollator):
     """TRL's reward collator (chosen rows, then rejected rows), also passing p̂ when the data has it."""
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = super().torch_call(examples)
-        if "p_hat" in examples[0]:
-            batch["p_hat"] = torch.tensor([example["p_hat"] for example in examples], dtype=torch.float32)
-        return batch
+        return {**super().torch_call(examples), **per_pair_floats(examples, ("p_hat",))}
 
 
 class PsipoRewardTrainer(RewardTrainer):
@@ -72,37 +74,24 @@ class PsipoRewardTrainer(RewardTrainer):
 
 
 def reward_lora_config(adapter: AdapterSection) -> LoraConfig:
-    from psipo_cli.models.loading import lora_config
-
     # The new scalar head trains in full and is saved with the adapter.
     return lora_config(adapter, "SEQ_CLS", modules_to_save=["score"])
 
 
-def reward_config(recipe: Recipe, has_eval: bool) -> RewardConfig:
-    training = recipe.training.model_dump(exclude={"eval_steps", "prefix_sharing"})  # a reward model scores rows
-    from psipo_cli.training.distributed import deepspeed_config
-
-    return RewardConfig(
-        output_dir=recipe.output.dir,
-        deepspeed=deepspeed_config(recipe.distributed),
-        report_to=[r for r in recipe.output.report_to if r != "none"] or "none",
-        max_length=recipe.data.max_length,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=recipe.training.eval_steps or recipe.training.logging_steps,
-        save_strategy="steps",
-        disable_dropout=False,  # see modeling.disable_base_dropout: adapter.dropout is honoured
-        use_cpu=not torch.cuda.is_available(),
-        **training,
-    )
+def prepare_reward_data(prepared: Prepared) -> Prepared:
+    """The reward stage's data step: pairs tokenised and cut to max_length here, as `psipo label` cuts them."""
+    length = prepared.recipe.data.max_length
+    train = tokenize_pairs(prepared.train, prepared.tokenizer, length)
+    evaluation = prepared.eval and tokenize_pairs(prepared.eval, prepared.tokenizer, length)
+    return dataclasses.replace(prepared, train=train, eval=evaluation)
 
 
-def build_reward_trainer(recipe: Recipe, tokenizer: Any, train: Any, evaluation: Any, model: Any = None) -> Any:
+def build_reward_trainer(prepared: Prepared, model: Any = None) -> PsipoRewardTrainer:
+    """The reward stage's trainer; `model` (e.g. a reloaded PeftModel) replaces loading the recipe's."""
+    recipe, tokenizer = prepared.recipe, prepared.tokenizer
     if recipe.adapter.init_from is not None:
         raise UserError("a reward model starts from the base model, not from an adapter", where="adapter.init_from")
-    from psipo_cli.models.loading import disable_base_dropout
-    from psipo_cli.training.distributed import prepare_zero3_init
-
-    args = reward_config(recipe, evaluation is not None)  # before the model: see finetune.build_trainer
+    args = trainer_arguments(RewardConfig, recipe, prepared.eval is not None)  # before the model: see ZeRO-3
     prepare_zero3_init(args)
     peft_config = None
     if model is None:
@@ -113,8 +102,8 @@ def build_reward_trainer(recipe: Recipe, tokenizer: Any, train: Any, evaluation:
         model=model,
         args=args,
         data_collator=SoftLabelRewardCollator(pad_token_id=tokenizer.pad_token_id),
-        train_dataset=train,
-        eval_dataset=evaluation,
+        train_dataset=prepared.train.dataset,
+        eval_dataset=prepared.eval.dataset if prepared.eval else None,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
@@ -124,8 +113,6 @@ def build_reward_trainer(recipe: Recipe, tokenizer: Any, train: Any, evaluation:
 
 def load_reward_base(recipe: Recipe) -> Any:
     """The base model with a fresh scalar head; the causal LM head it drops and the new head are expected."""
-    from psipo_cli.models.loading import load_base_model
-
     with suppress_seqcls_warning():
         return load_base_model(recipe, AutoModelForSequenceClassification, num_labels=1)
 
