@@ -108,7 +108,7 @@ class PsipoTrainer(DPOTrainer):
         num_items_in_batch: Any = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         policy = self.forward_step(model, inputs, router_aux=self.aux_loss_enabled)
-        if "ref_chosen_logps" in inputs:  # precomputed once by TRL through compute_ref_log_probs
+        if "ref_chosen_logps" in inputs:  # precomputed once (reference.py) through compute_ref_log_probs
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
