@@ -209,7 +209,8 @@ def evaluate(
     """Score a finished run on preference pairs: margins, reward accuracy, loss, drift (and KL with --generate)."""
     import json
 
-    from psipo_cli.tools.evaluate import EvalOptions, evaluate_run, print_report
+    from psipo_cli.tools.eval_report import print_report
+    from psipo_cli.tools.evaluate import EvalOptions, evaluate_run
 
     options = EvalOptions(data, out, generate, prompts, max_new_tokens, overwrite)
     summary = evaluate_run(run, overrides, options)
