@@ -238,7 +238,7 @@ def compare(
     overwrite: Annotated[bool, typer.Option(help="Replace plots already in --out.")] = False,
 ) -> None:
     """Overlay several runs' metrics in one set of plots and tabulate their final metrics."""
-    from psipo_cli.tools.plots import compare_runs, print_table
+    from psipo_cli.tools.compare import compare_runs, print_table
 
     paths, table = compare_runs(runs, out, overwrite=overwrite)
     print_table(table, stdout)
