@@ -148,7 +148,7 @@ def disable_base_dropout(model: Any) -> None:
 def load_policy(recipe: Recipe, run_dir: Path) -> Any:
     """A finished run's policy for inference: the recipe's base model with the run's trained adapter, eval mode.
 
-    `with model.disable_adapter():` gives the reference policy (the base) from the same weights.
+    `load_reference` gives the run's reference policy from the same weights.
     """
     try:
         model = PeftModel.from_pretrained(load_base_model(recipe), str(run_dir))
