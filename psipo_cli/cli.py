@@ -131,7 +131,7 @@ def merge(
     ] = None,
 ) -> None:
     """Merge the run's adapter into its base model: a plain transformers model (safetensors) + tokenizer."""
-    from psipo_cli.tools.export import merge_run
+    from psipo_cli.tools.merge import merge_run
 
     report = merge_run(run, out, overwrite, dtype)
     note = f"; the {report.dequantised} base was loaded unquantised" if report.dequantised else ""
@@ -154,7 +154,7 @@ def generate(
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together (left-padded).")] = 16,
 ) -> None:
     """Print a completion of each prompt by the run's trained policy."""
-    from psipo_cli.tools.export import Sampling, generate_completions, open_generator
+    from psipo_cli.tools.generate import Sampling, generate_completions, open_generator
 
     sampling = Sampling(max_new_tokens, temperature, seed)
     generator = open_generator(run, sampling, reference, raw)
@@ -174,7 +174,7 @@ def chat(
     raw: Raw = False,
 ) -> None:
     """Chat with the run's policy: one line per turn from stdin, until end of input or /exit (/reset forgets)."""
-    from psipo_cli.tools.export import Sampling, chat_loop, open_generator, stdin_reader
+    from psipo_cli.tools.generate import Sampling, chat_loop, open_generator, stdin_reader
 
     sampling = Sampling(max_new_tokens, temperature, seed)
     generator = open_generator(run, sampling, reference, raw)
@@ -189,7 +189,7 @@ def push(
     public: Annotated[bool, typer.Option(help="Create a missing repository public (default: private).")] = False,
 ) -> None:
     """Upload a finished run (adapter, tokenizer, model card, metrics; no checkpoints) to the Hugging Face Hub."""
-    from psipo_cli.tools.export import push_finished_run
+    from psipo_cli.tools.hub import push_finished_run
 
     stdout.print(f"pushed to {push_finished_run(run, repo_id, private=not public)}", markup=False)
 
@@ -209,7 +209,8 @@ def evaluate(
     """Score a finished run on preference pairs: margins, reward accuracy, loss, drift (and KL with --generate)."""
     import json
 
-    from psipo_cli.tools.evaluate import EvalOptions, evaluate_run, print_report
+    from psipo_cli.tools.eval_report import print_report
+    from psipo_cli.tools.evaluate import EvalOptions, evaluate_run
 
     options = EvalOptions(data, out, generate, prompts, max_new_tokens, overwrite)
     summary = evaluate_run(run, overrides, options)
@@ -237,7 +238,7 @@ def compare(
     overwrite: Annotated[bool, typer.Option(help="Replace plots already in --out.")] = False,
 ) -> None:
     """Overlay several runs' metrics in one set of plots and tabulate their final metrics."""
-    from psipo_cli.tools.plots import compare_runs, print_table
+    from psipo_cli.tools.compare import compare_runs, print_table
 
     paths, table = compare_runs(runs, out, overwrite=overwrite)
     print_table(table, stdout)

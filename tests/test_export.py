@@ -19,17 +19,10 @@ from psipo_cli.models.loading import describe_reference, inference_device, load_
 from psipo_cli.recipe.loader import load_recipe
 from psipo_cli.recipe.schema import Recipe
 from psipo_cli.run.directory import read_metrics
-from psipo_cli.tools.export import (
-    Generator,
-    Sampling,
-    card_metadata,
-    chat_loop,
-    files_to_push,
-    finish_run_exports,
-    generate_completions,
-    merge_run,
-    model_card,
-)
+from psipo_cli.tools.card import card_metadata, model_card
+from psipo_cli.tools.generate import Generator, Sampling, chat_loop, generate_completions
+from psipo_cli.tools.hub import files_to_push, finish_run_exports
+from psipo_cli.tools.merge import merge_run
 from psipo_cli.training.finetune import run
 from tests.conftest import TINY_DATA, TINY_MODEL, assert_clean_error, tiny_recipe
 

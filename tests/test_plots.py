@@ -14,16 +14,9 @@ import yaml
 from PIL import Image
 
 from psipo_cli.recipe.loader import dump_recipe, load_recipe
-from psipo_cli.tools.plots import (
-    DPI,
-    OVERVIEW,
-    PANEL_SIZE,
-    PLOTS_DIR,
-    compare_runs,
-    load_run,
-    overview_size,
-    write_plots,
-)
+from psipo_cli.tools.compare import compare_runs
+from psipo_cli.tools.plots import DPI, OVERVIEW, PANEL_SIZE, PLOTS_DIR, overview_size, write_plots
+from psipo_cli.tools.run_metrics import load_run
 from tests.conftest import TINY_DATA, assert_clean_error, tiny_recipe, write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

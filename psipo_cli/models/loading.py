@@ -7,18 +7,26 @@ disabled, or, when training starts from an existing adapter, a frozen copy of th
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from trl.trainer.utils import use_adapter
 
 from psipo_cli.errors import UserError
 from psipo_cli.recipe.loader import looks_local
 from psipo_cli.recipe.schema import AdapterSection, ModelSection, Recipe
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REFERENCE_ADAPTER = "ref"  # the starting adapter's name beside the trained one: TRL's name for it in training
+
+# A context in which a finished run's policy is its reference policy (see `load_reference`).
+ReferenceContext = Callable[[], contextlib.AbstractContextManager]
 
 
 def _first_line(err: Exception) -> str:
@@ -140,13 +148,50 @@ def disable_base_dropout(model: Any) -> None:
 def load_policy(recipe: Recipe, run_dir: Path) -> Any:
     """A finished run's policy for inference: the recipe's base model with the run's trained adapter, eval mode.
 
-    `with model.disable_adapter():` gives the reference policy (the base) from the same weights.
+    `load_reference` gives the run's reference policy from the same weights.
     """
     try:
         model = PeftModel.from_pretrained(load_base_model(recipe), str(run_dir))
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot load the run's adapter ({_first_line(err)})", where=str(run_dir)) from None
     return model.eval()
+
+
+def load_reference(model: Any, recipe: Recipe) -> ReferenceContext:
+    """A context in which `model`, the run's policy from `load_policy`, is the run's reference policy.
+
+    The reference is the base with the adapter disabled, or, for a run started from an adapter
+    (`adapter.init_from`), that starting adapter, loaded here beside the trained one (what TRL's frozen "ref" copy
+    held during training): one set of base weights, no copy. Outside the context the trained adapter is active.
+    """
+    adapter = None
+    if recipe.adapter.init_from:
+        try:
+            model.load_adapter(str(Path(recipe.adapter.init_from)), adapter_name=REFERENCE_ADAPTER)
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(
+                f"cannot load the starting adapter ({_first_line(err)})", where="adapter.init_from"
+            ) from None
+        model.set_adapter("default")  # the trained adapter stays the model's own; the context switches to "ref"
+        adapter = REFERENCE_ADAPTER
+    # TRL's own switch, as its trainer uses: None disables the adapters, a name activates that adapter meanwhile.
+    return lambda: use_adapter(model, adapter)
+
+
+@contextlib.contextmanager
+def quiet_loading(run_dir: Path) -> Iterator[None]:
+    """Load quietly (no progress bars, no deprecation notices from inside the libraries), and report a damaged
+    adapter file as the run's problem rather than with a traceback."""
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    except SafetensorError as err:
+        raise UserError(f"the run's adapter weights are unreadable ({err})", where=str(run_dir)) from None
 
 
 def inference_device() -> torch.device:

@@ -1,10 +1,9 @@
 """Pictures of a run's metrics.jsonl: loss, margin h against its target, reward accuracy, drift from the reference.
 
 `write_plots(run_dir)` draws one run into `RUN_DIR/plots/` (one PNG per metric and `overview.png` with all of
-them); `compare_runs` overlays several runs and tabulates their final metrics. Both work on a run still in
-progress: only `recipe.yaml` and `metrics.jsonl` are read. matplotlib is the optional extra `plots` and is
-imported only here, when a picture is drawn; figures are rendered with the Agg canvas (no display, no pyplot
-global state), and every PNG is written to a temporary name and renamed.
+them); `draw_runs` is the drawing itself, which `compare` uses to overlay several runs. matplotlib is the optional
+extra `plots` and is imported only here, when a picture is drawn; figures are rendered with the Agg canvas (no
+display, no pyplot global state), and every PNG is written to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -16,17 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.measure import Measurement
-from rich.table import Table
-
 from psipo_cli.errors import UserError
-from psipo_cli.recipe.schema import ObjectiveSection, Recipe
-from psipo_cli.run.directory import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, read_metrics
+from psipo_cli.run.directory import METRICS_FILE
+from psipo_cli.tools.run_metrics import Run, load_run
 
 PLOTS_DIR = "plots"
 OVERVIEW = "overview.png"
-ADAPTER_CONFIG = "adapter_config.json"
 DPI = 120
 PANEL_SIZE = (7.5, 4.5)  # inches, one metric per file
 CELL_SIZE = (5.0, 3.6)  # inches per panel in overview.png, small enough that its text stays legible scaled down
@@ -34,86 +28,6 @@ HEADER = 0.8  # inches above the overview's grid for the run's name and descript
 FONTS = {"font.size": 12, "axes.titlesize": 13, "axes.labelsize": 12, "legend.fontsize": 10.5}
 TRAIN_STYLE = {"lw": 1.6}
 EVAL_STYLE = {"ls": ":", "lw": 1.3, "marker": "o", "ms": 4.5}
-EMPTY = "—"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Runs
-
-
-@dataclass
-class Run:
-    """What the plots need of one run directory."""
-
-    path: Path
-    name: str
-    recipe: Recipe
-    records: list[dict[str, Any]]
-    finished: bool
-
-    @property
-    def objective(self) -> ObjectiveSection:
-        return self.recipe.objective
-
-    @property
-    def objective_label(self) -> str:
-        """'IPO τ=0.5', 'ΨPO (logit) τ=0.1', 'reward model'."""
-        obj = self.objective
-        if obj.loss == "reward":
-            return "reward model"
-        psi = obj.psi if len(obj.psi) <= 20 else obj.psi[:19] + "…"  # Ψ may be an expression in q
-        name = f"ΨPO ({psi})" if obj.loss == "psipo" else obj.loss.upper()
-        return f"{name} τ={obj.tau:g}"
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} — {self.objective_label}"
-
-    @property
-    def unit(self) -> str:
-        """Unit of h and of the log-ratios: token-mean log-probs are nats per response token."""
-        return "nats/token" if self.objective.logps == "mean" else "nats"
-
-    @property
-    def last_step(self) -> int:
-        return max((int(r["step"]) for r in self.records if _is_number(r.get("step"))), default=0)
-
-    def series(self, split: str, key: str) -> tuple[list[int], list[float]]:
-        """(steps, values) of `key` in `split`; a step logged twice (a resumed run) keeps its newest value."""
-        by_step: dict[int, float] = {}
-        for record in self.records:
-            if record.get("split") == split and _is_number(record.get("step")) and _is_number(record.get(key)):
-                value = float(record[key])
-                by_step[int(record["step"])] = value if math.isfinite(value) else math.nan
-        steps = sorted(by_step)
-        return steps, [by_step[s] for s in steps]
-
-    def last(self, split: str) -> dict[str, Any]:
-        """The newest record of `split` (empty when there is none)."""
-        return next((r for r in reversed(self.records) if r.get("split") == split), {})
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def load_run(run_dir: Path) -> Run:
-    """Read a run directory, finished or in progress; a UserError if it is not a run or has logged nothing."""
-    from psipo_cli.recipe.loader import load_recipe
-
-    where = str(run_dir)
-    if not run_dir.exists():
-        raise UserError("no such run directory", where=where)
-    if not run_dir.is_dir() or not (run_dir / RECIPE_FILE).is_file():
-        raise UserError(f"not a psipo run directory (no {RECIPE_FILE})", where=where)
-    recipe = load_recipe(run_dir / RECIPE_FILE)
-    records = [r for r in read_metrics(run_dir) if isinstance(r, dict)]
-    if not records:
-        raise UserError(f"no metrics logged yet ({METRICS_FILE} is missing or empty): nothing to plot", where=where)
-    name = run_dir.resolve().name
-    # The adapter is saved once training is over, just before the summary (and before finetune draws the plots).
-    finished = any((run_dir / name).is_file() for name in (SUMMARY_FILE, ADAPTER_CONFIG))
-    return Run(run_dir, name, recipe, records, finished)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,7 +176,8 @@ PANELS = (
 # Drawing
 
 
-def _require_matplotlib() -> None:
+def require_matplotlib() -> None:
+    """Fail with how to install it, before any drawing, when the optional extra is missing."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -413,7 +328,8 @@ def _headline(run: Run) -> str:
     return f"{line}\n{run.recipe.description}" if run.recipe.description else line
 
 
-def _draw_all(runs: list[Run], out_dir: Path, compare: bool) -> list[Path]:
+def draw_runs(runs: list[Run], out_dir: Path, compare: bool) -> list[Path]:
+    """Every panel with data as its own PNG, then overview.png, into `out_dir`; `compare` overlays the runs."""
     import matplotlib
 
     panels = [panel for panel in PANELS if any(panel.has_data(run) for run in runs)]
@@ -425,7 +341,8 @@ def _draw_all(runs: list[Run], out_dir: Path, compare: bool) -> list[Path]:
     return paths
 
 
-def _make_dir(path: Path) -> None:
+def make_dir(path: Path) -> None:
+    """`path` as a directory, created if missing; a UserError if it cannot be."""
     if path.exists() and not path.is_dir():
         raise UserError("exists and is not a directory", where=str(path))
     try:
@@ -435,99 +352,13 @@ def _make_dir(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Entry points
+# Entry point
 
 
 def write_plots(run_dir: Path) -> list[Path]:
     """Draw a run (finished or in progress) into RUN_DIR/plots/: one PNG per metric and overview.png."""
     run = load_run(Path(run_dir))
-    _require_matplotlib()
+    require_matplotlib()
     out_dir = run.path / PLOTS_DIR
-    _make_dir(out_dir)
-    return _draw_all([run], out_dir, compare=False)
-
-
-def compare_runs(run_dirs: list[Path], out_dir: Path, overwrite: bool = False) -> tuple[list[Path], Table]:
-    """Overlay several runs in out_dir (same files as write_plots) and tabulate their final metrics."""
-    runs = _load_runs(run_dirs)
-    _require_matplotlib()
-    _check_out_dir(Path(out_dir), overwrite)
-    _make_dir(Path(out_dir))
-    return _draw_all(runs, Path(out_dir), compare=True), final_metrics_table(runs)
-
-
-def _load_runs(run_dirs: list[Path]) -> list[Run]:
-    if len(run_dirs) < 2:
-        raise UserError("give at least two run directories to compare", where="compare")
-    seen: set[Path] = set()
-    for path in run_dirs:
-        if Path(path).resolve() in seen:
-            raise UserError("given twice", where=str(path))
-        seen.add(Path(path).resolve())
-    runs = [load_run(Path(path)) for path in run_dirs]
-    names = [run.name for run in runs]
-    for run in runs:
-        if names.count(run.name) > 1:  # runs/a/ipo and runs/b/ipo: name them by their parent too
-            run.name = f"{run.path.resolve().parent.name}/{run.name}"
-    return runs
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse, before drawing anything, to replace plots already in out_dir unless told to."""
-    if overwrite or not out_dir.is_dir():
-        return
-    names = [f"{panel.stem}.png" for panel in PANELS] + [OVERVIEW]
-    existing = [name for name in names if (out_dir / name).exists()]
-    if existing:
-        raise UserError(
-            f"already holds {', '.join(existing)}; pass --overwrite to replace them or choose another --out",
-            where=str(out_dir),
-        )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The final-metrics table
-
-TABLE_COLUMNS = (
-    ("loss", "loss"),
-    ("margin", "margin h"),
-    ("target", "target"),
-    ("reward_accuracy", "reward acc."),
-    ("logratio_chosen", "log-ratio chosen"),
-    ("logratio_rejected", "log-ratio rejected"),
-)
-
-
-def _cell(value: Any) -> str:
-    return f"{value:.4f}" if _is_number(value) else EMPTY
-
-
-def final_metrics_table(runs: list[Run]) -> Table:
-    """Last train and last eval log of each run."""
-    table = Table(
-        title="final metrics: last train and eval logs",
-        caption="log-ratio = log π − log π_ref, the drift from the reference (a KL proxy); unit: of h and log-ratios",
-    )
-    for header in ("run", "objective", "unit", "split", "step"):
-        table.add_column(header, justify="right" if header == "step" else "left")
-    for _, header in TABLE_COLUMNS:
-        table.add_column(header, justify="right")
-    for run in runs:
-        status = "" if run.finished else " (in progress)"
-        for split in ("train", "eval"):
-            record = run.last(split)
-            if not record:
-                continue
-            step = str(record.get("step", EMPTY))
-            cells = [_cell(record.get(key)) for key, _ in TABLE_COLUMNS]
-            table.add_row(run.name + status, run.objective_label, run.unit, split, step, *cells)
-        table.add_section()
-    return table
-
-
-def print_table(table: Table, console: Console) -> None:
-    """Print the table; piped output gets the table's natural width, not rich's 80-column default."""
-    if not console.is_terminal:
-        width = Measurement.get(console, console.options.update_width(10_000), table).maximum
-        console = Console(file=console.file, width=max(width, console.width), highlight=False)
-    console.print(table)
+    make_dir(out_dir)
+    return draw_runs([run], out_dir, compare=False)

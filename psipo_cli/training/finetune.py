@@ -41,7 +41,7 @@ from psipo_cli.run.directory import (
 )
 from psipo_cli.run.display import Display
 from psipo_cli.run.fingerprint import check_resume, run_fingerprint
-from psipo_cli.tools.export import finish_run_exports
+from psipo_cli.tools.hub import finish_run_exports
 from psipo_cli.training.inputs import Prepared
 from psipo_cli.training.layout_check import layout_summary
 from psipo_cli.training.stages import stage_for

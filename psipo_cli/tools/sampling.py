@@ -1,0 +1,144 @@
+"""`psipo eval --generate`: sample from the policy and from its reference to estimate KL(π‖π_ref) and KL(π_ref‖π).
+
+Sampling is plain ancestral sampling from each policy (every logits processor neutralised), seeded with the
+recipe's seed, and every sample is scored under both policies by the trainer's forward step (`scoring`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from psipo_cli.data.chat import stop_token_ids
+from psipo_cli.models.loading import ReferenceContext
+from psipo_cli.recipe.schema import Recipe
+from psipo_cli.tools.scoring import model_device, score_responses, trained_precision
+
+
+def unique_prompts(dataset: Any, limit: int) -> list[list[int]]:
+    """Token ids of the first `limit` distinct prompts, tokenised (and chat-rendered) as in training."""
+    seen: set[str] = set()
+    prompts: list[list[int]] = []
+    for text, ids in zip(dataset["prompt"], dataset["prompt_ids"], strict=True):
+        if text not in seen:
+            seen.add(text)
+            prompts.append(ids)
+        if len(prompts) == limit:
+            break
+    return prompts
+
+
+def sampling_config(tokenizer: Any, max_new_tokens: int) -> Any:
+    """Plain ancestral sampling from π: every logits processor a model's generation_config may set is neutralised.
+
+    transformers fills any field left unset from the model's generation_config and then from its own defaults
+    (top_k=50): the KL estimate needs samples from π itself, so each is given explicitly.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        min_p=0.0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        num_beams=1,
+        eos_token_id=stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _responses(sequences: Tensor, prompt_length: int, stop_ids: list[int]) -> list[list[int]]:
+    """Each sampled row's response tokens, up to and including its first stop token (generate pads after it)."""
+    out = []
+    for row in sequences[:, prompt_length:].tolist():
+        ends = [i for i, token in enumerate(row) if token in stop_ids]
+        out.append(row[: ends[0] + 1] if ends else row)
+    return out
+
+
+@dataclass
+class Samples:
+    """What one policy's samples gave: response lengths, whether each ended in EOS, log π(y|x) − log π_ref(y|x)."""
+
+    lengths: list[int]
+    ended: list[bool]
+    log_ratios: list[float]
+
+
+def _sample(
+    model: Any,
+    reference: ReferenceContext,
+    from_reference: bool,
+    prompts: list[list[int]],
+    tokenizer: Any,
+    recipe: Recipe,
+    per_prompt: int,
+    max_new_tokens: int,
+) -> Samples:
+    """`per_prompt` samples per prompt from π (or π_ref), each scored under both."""
+    config = sampling_config(tokenizer, max_new_tokens)
+    stop_ids = config.eos_token_id
+    samples = Samples([], [], [])
+    for prompt in prompts:
+        input_ids = torch.tensor([prompt] * per_prompt, device=model_device(model))
+        with reference() if from_reference else contextlib.nullcontext(), trained_precision(model, recipe):
+            sequences = model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
+            )
+        responses = _responses(sequences, len(prompt), stop_ids)
+        logp, logp_ref = score_responses(model, reference, prompt, responses, recipe, tokenizer.pad_token_id)
+        samples.lengths += [len(r) for r in responses]
+        samples.ended += [bool(r) and r[-1] in stop_ids for r in responses]
+        samples.log_ratios += (logp - logp_ref).tolist()
+    return samples
+
+
+@torch.no_grad()
+def sample_and_score(
+    model: Any,
+    reference: ReferenceContext,
+    prompts: list[list[int]],
+    tokenizer: Any,
+    recipe: Recipe,
+    per_prompt: int,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """`per_prompt` samples per prompt from π and from π_ref; KL(π‖π_ref) ≈ mean over π's samples of
+    log π(y|x) − log π_ref(y|x).
+
+    Log-probs are summed over each sample's tokens up to and including its first EOS. The reverse KL(π_ref‖π) is
+    estimated from the reference's samples the same way. Both are unbiased Monte Carlo estimates of non-negative
+    quantities, so either can come out slightly below 0 when the two policies are close.
+    """
+    from transformers import set_seed
+
+    set_seed(recipe.training.seed)  # the same samples on every rerun
+    policy = _sample(model, reference, False, prompts, tokenizer, recipe, per_prompt, max_new_tokens)
+    ref = _sample(model, reference, True, prompts, tokenizer, recipe, per_prompt, max_new_tokens)
+    return {
+        "prompts": len(prompts),
+        "samples_per_prompt": per_prompt,
+        "max_new_tokens": max_new_tokens,
+        "seed": recipe.training.seed,
+        "kl_policy_reference": statistics.fmean(policy.log_ratios),
+        "kl_reference_policy": -statistics.fmean(ref.log_ratios),
+        "policy_length_mean": statistics.fmean(policy.lengths),
+        "policy_length_median": statistics.median(policy.lengths),
+        "policy_ended_with_eos": statistics.fmean(policy.ended),
+        "reference_length_mean": statistics.fmean(ref.lengths),
+        "reference_length_median": statistics.median(ref.lengths),
+        "reference_ended_with_eos": statistics.fmean(ref.ended),
+    }
