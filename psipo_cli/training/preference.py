@@ -16,10 +16,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from trl import DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
 
 from psipo_cli.data.chat import ENDS_MARKED
+from psipo_cli.models.loading import disable_gradient_checkpointing, use_adapter
 from psipo_cli.objectives import margin, pair_losses, sequence_logps
 from psipo_cli.recipe.schema import ObjectiveSection
 from psipo_cli.training.forward import ConcatenatedForward, ForwardStep, PairLogps
