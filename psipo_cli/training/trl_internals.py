@@ -345,7 +345,8 @@ def missing(hook: Hook) -> str | None:
 
 
 def problems() -> list[str]:
-    return [problem for hook in HOOKS if (problem := missing(hook)) is not None]
+    """What does not hold, each once (several hooks can live on one missing name)."""
+    return list(dict.fromkeys(problem for hook in HOOKS if (problem := missing(hook)) is not None))
 
 
 _verified = False
