@@ -29,6 +29,7 @@ constraints:
 	@test -x $(BIN)/python || { echo "no $(VENV): make install first"; exit 1; }
 	{ echo "# Exact versions psipo's test suite passed with: make install uses them (pip install -c). Regenerate"; \
 	  echo "# with make constraints. torch, triton and nvidia-* are left out: TORCH_SPEC picks the torch build."; \
+	  echo "# Resolved on $$($(BIN)/python --version) (other Pythons may need other versions: pip install -e . without -c)."; \
 	  $(BIN)/python -m pip freeze --exclude-editable | grep -viE '$(UNPINNED)' | grep -v '^#'; \
 	} > $(CONSTRAINTS).tmp
 	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
