@@ -6,18 +6,33 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The exact versions the test suite passed with, torch excepted (TORCH_SPEC picks the build). Shipped inside the
+# package: the run banner names TRL/transformers versions that differ. pyproject.toml keeps ranges for library users.
+CONSTRAINTS := psipo_cli/constraints.txt
+# Left out of the constraints: the torch build differs by machine (CPU wheel here, CUDA on GPUs) and brings these.
+UNPINNED := ^(torch|triton|nvidia-[a-z0-9-]+|psipo)==
 
-.PHONY: install demo test test-fast lint format docs check bench assets paper clean
+.PHONY: install constraints demo test test-fast lint format docs check bench assets paper clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# The CPU torch wheel first: a bare `torch` requirement resolved on its own pulls a multi-GB CUDA build.
 	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# After upgrading a library in .venv and passing the suite: pin what is installed now (commit the file).
+constraints:
+	@test -x $(BIN)/python || { echo "no $(VENV): make install first"; exit 1; }
+	{ echo "# Exact versions psipo's test suite passed with: make install uses them (pip install -c). Regenerate"; \
+	  echo "# with make constraints. torch, triton and nvidia-* are left out: TORCH_SPEC picks the torch build."; \
+	  echo "# Resolved on $$($(BIN)/python --version) (other Pythons may need other versions: pip install -e . without -c)."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -viE '$(UNPINNED)' | grep -v '^#'; \
+	} > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 
 demo: install
 	$(BIN)/psipo finetune recipes/tiny-ipo.yaml --overwrite

@@ -1,4 +1,5 @@
-"""The `psipo` command line: thin typer commands over recipe loading and `finetune.run`."""
+# The `psipo` command line: thin typer commands over recipe loading and `finetune.run`. Each command imports what it
+# needs inside its body, so `psipo --help` and `psipo validate` never import torch, TRL or the training package.
 
 from __future__ import annotations
 
@@ -19,7 +20,18 @@ from psipo_cli.errors import EXIT_USER_ERROR, RunInterrupted, UserError
 # to its built-in kernel, so the warning is noise (and the fetch can never work offline).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+# What `psipo --help` opens with. One string per paragraph: the help keeps line breaks inside later paragraphs.
+HELP = "\n\n".join(
+    (
+        "Fine-tune a language model on preference pairs (a prompt, a chosen and a rejected response) with DPO, IPO "
+        "or the general ΨPO objective, training a LoRA or QLoRA adapter.",
+        "Start with `psipo recipes` (the shipped recipes), check one with `psipo validate RECIPE` and train with "
+        "`psipo finetune RECIPE` (several GPUs: `psipo launch`). Then score the run with `psipo eval RUN`, try it "
+        "with `psipo generate` or `psipo chat`, and export it with `psipo merge` or `psipo push`.",
+    )
+)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, pretty_exceptions_enable=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 stdout = Console(highlight=False, soft_wrap=True)
 

@@ -12,6 +12,7 @@ The output columns are `prompt`, `chosen`, `rejected` and, with soft labels, `p_
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -341,6 +342,20 @@ def load_pairs(source: DataSource, data: DataSection, tokenizer: Any, split_name
     return PreferenceData(cached_dataset(good, digest), where, len(rows), dropped, digest)
 
 
+@contextlib.contextmanager
+def main_processes_first() -> Iterator[None]:
+    """The global main process runs the block first, then each node's local main, then everyone else: cache
+    writes happen once per cache the processes can read (shared or node-local disk).
+
+    accelerate's public API; replaces TRL's private `global_then_local_main_first` (training/trl_internals.py).
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.main_process_first(), state.local_main_process_first():
+        yield
+
+
 def cached_dataset(rows: list[dict[str, Any]], digest: str) -> Dataset:
     """The pairs as an Arrow dataset stored under the datasets cache, in a folder named by their content hash
     `digest` (Hasher.hash of the rows).
@@ -350,10 +365,9 @@ def cached_dataset(rows: list[dict[str, Any]], digest: str) -> Dataset:
     temporary cache.
     """
     import datasets
-    from trl.trainer.utils import global_then_local_main_first
 
     path = Path(datasets.config.HF_DATASETS_CACHE) / "psipo-pairs" / digest
-    with global_then_local_main_first():
+    with main_processes_first():
         if not (path / "state.json").exists():
             tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
             Dataset.from_list(rows).save_to_disk(str(tmp))

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
-from trl.trainer.utils import use_adapter
 
 from psipo_cli.errors import UserError
 from psipo_cli.recipe.loader import looks_local
@@ -143,6 +142,40 @@ def disable_base_dropout(model: Any) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):  # functional dropout in attention
             module.attention_dropout = 0.0
+
+
+@contextlib.contextmanager
+def use_adapter(model: PeftModel, adapter_name: str | None) -> Iterator[None]:
+    """Run with the adapter `adapter_name` active, or with every adapter off when None; restored after.
+
+    peft's public API; replaces TRL's private `trl.trainer.utils.use_adapter` (see training/trl_internals.py).
+    """
+    if adapter_name is None:
+        with model.disable_adapter():
+            yield
+        return
+    previous = model.active_adapter
+    model.set_adapter(adapter_name)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+
+
+@contextlib.contextmanager
+def disable_gradient_checkpointing(model: Any, gradient_checkpointing_kwargs: dict | None = None) -> Iterator[None]:
+    """Gradient checkpointing off inside (a forward without backward needs none), restored after.
+
+    transformers' public API; replaces TRL's `trl.models.utils.disable_gradient_checkpointing`.
+    """
+    was_enabled = model.is_gradient_checkpointing
+    if was_enabled:
+        model.gradient_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
 
 
 def load_policy(recipe: Recipe, run_dir: Path) -> Any:

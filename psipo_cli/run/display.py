@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 
 from psipo_cli.models.loading import describe_reference
 from psipo_cli.training.layout_check import describe_layout
+from psipo_cli.versions import drift_line
 
 Mode = Literal["rich", "plain", "quiet"]
 
@@ -63,6 +64,9 @@ def banner_lines(trainer: Any, prepared: Any) -> list[str]:
         lines.append(f"layout     {describe_layout(trainer.forward_step)}")
     if recipe.model.trust_remote_code:
         lines.append("trust_remote_code is ON: this model's own Python code runs")
+    drift = drift_line()  # psipo relies on TRL/transformers internals (training/trl_internals.py)
+    if drift:
+        lines.append(drift)
     lines += [f"dropped    {count} pairs: {reason}" for reason, count in prepared.train.dropped.items()]
     if prepared.train.truncated:
         lines.append(f"truncated  {prepared.train.truncated} pairs to data.max_length={recipe.data.max_length} tokens")

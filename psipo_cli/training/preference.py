@@ -1,4 +1,4 @@
-"""`PsipoTrainer`: TRL's DPOTrainer with psipo's objectives, through public hooks (and one private one).
+"""`PsipoTrainer`: TRL's DPOTrainer with psipo's objectives, through public hooks and a few private ones (listed in `trl_internals.py`).
 
 TRL keeps data preparation, the collator contract, DeepSpeed/FSDP handling and the training loop. psipo
 replaces `compute_loss` (the loss step), `compute_ref_log_probs` (the reference pass), `prediction_step` and `log`
@@ -16,11 +16,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from trl import DPOConfig, DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
 
 from psipo_cli.data.chat import ENDS_MARKED
-from psipo_cli.models.loading import attach_adapter, disable_base_dropout, load_base_model
+from psipo_cli.models.loading import (
+    attach_adapter,
+    disable_base_dropout,
+    disable_gradient_checkpointing,
+    load_base_model,
+    use_adapter,
+)
 from psipo_cli.objectives import margin, pair_losses
 from psipo_cli.recipe.schema import ObjectiveSection
 from psipo_cli.training.arguments import trainer_arguments

@@ -149,9 +149,9 @@ def pair_ids(row: dict[str, Any], tokenizer: Any, max_length: int) -> dict[str, 
 def tokenize_pairs(data: PreferenceData, tokenizer: Any, max_length: int) -> PreferenceData:
     """The pairs tokenised and cut for the reward trainer, with the number cut. Given `chosen_ids`/`rejected_ids`,
     TRL skips its own tokenisation, and its max_length filter finds nothing to drop."""
-    from trl.trainer.utils import global_then_local_main_first
+    from psipo_cli.data.pairs import main_processes_first
 
-    with global_then_local_main_first():  # one process writes the map's cache beside the shared dataset
+    with main_processes_first():  # one process writes the map's cache beside the shared dataset
         dataset = data.dataset.map(pair_ids, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length})
     cut = sum(dataset["truncated"])
     return dataclasses.replace(data, dataset=dataset.remove_columns("truncated"), truncated=cut)
