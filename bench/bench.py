@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # measure this checkout's psipo, whatever else is installed
 TOKENIZER_DIR = REPO / "assets" / "tiny-llama"
 DEFAULT_OUT = REPO / "bench" / "results.json"
 THREADS = 2
