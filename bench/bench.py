@@ -290,20 +290,25 @@ def _cpu_seconds() -> tuple[float, float]:
 
 
 def _time_precompute() -> list[float]:
-    """Time TRL's reference precompute pass (inherited unchanged by PsipoTrainer), wherever it is called from."""
+    """Time the reference precompute pass, wherever it is called from: TRL's (stock TRL) and psipo's own."""
     from trl.trainer import dpo_trainer
 
+    from psipo_cli.trainer import PsipoTrainer
+
     seconds: list[float] = []
-    original = dpo_trainer.DPOTrainer._precompute_ref_logps
 
-    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            seconds.append(time.perf_counter() - started)
+    def timed(original: Any) -> Any:
+        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                seconds.append(time.perf_counter() - started)
 
-    dpo_trainer.DPOTrainer._precompute_ref_logps = timed
+        return run
+
+    dpo_trainer.DPOTrainer._precompute_ref_logps = timed(dpo_trainer.DPOTrainer._precompute_ref_logps)
+    PsipoTrainer.precompute_reference = timed(PsipoTrainer.precompute_reference)
     return seconds
 
 
@@ -600,7 +605,9 @@ def table(results: dict[str, Any]) -> str:
             "|---|---|",
         ]
         for row in pre:
-            values = " / ".join(f"{s['precompute_s']:.1f}" for s in row["arms"].values())
+            values = " / ".join(
+                "—" if s["precompute_s"] is None else f"{s['precompute_s']:.1f}" for s in row["arms"].values()
+            )
             lines.append(f"| {row['shape']} | {values} |")
     return "\n".join(lines)
 
