@@ -44,12 +44,12 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check psipo_cli tests scripts
-	$(BIN)/ruff format --check psipo_cli tests scripts
+	$(BIN)/ruff check psipo_cli tests scripts bench
+	$(BIN)/ruff format --check psipo_cli tests scripts bench
 
 format: install
-	$(BIN)/ruff format psipo_cli tests scripts
-	$(BIN)/ruff check --fix psipo_cli tests scripts
+	$(BIN)/ruff format psipo_cli tests scripts bench
+	$(BIN)/ruff check --fix psipo_cli tests scripts bench
 
 docs: install
 	$(BIN)/python scripts/gen_docs.py --write

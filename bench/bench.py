@@ -293,7 +293,7 @@ def _time_precompute() -> list[float]:
     """Time the reference precompute pass, wherever it is called from: TRL's (stock TRL) and psipo's own."""
     from trl.trainer import dpo_trainer
 
-    from psipo_cli.trainer import PsipoTrainer
+    from psipo_cli.training.preference import PsipoTrainer
 
     seconds: list[float] = []
 

@@ -1,4 +1,5 @@
-"""`PsipoTrainer`: TRL's DPOTrainer with psipo's objectives, through public hooks and a few private ones (listed in `trl_internals.py`).
+"""`PsipoTrainer`: TRL's DPOTrainer with psipo's objectives, through public hooks and the few private ones
+listed in `trl_internals.py`.
 
 TRL keeps data preparation, the collator contract, DeepSpeed/FSDP handling and the training loop. psipo
 replaces `compute_loss` (the loss step), `compute_ref_log_probs` (the reference pass), `prediction_step` and `log`
