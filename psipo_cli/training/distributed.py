@@ -4,10 +4,10 @@ psipo adds no distribution of its own. Under `accelerate launch` the Trainer (th
 DeepSpeed; a recipe's `distributed.strategy: zero2|zero3` hands the Trainer a DeepSpeed config, and `auto`
 leaves the choice to the accelerate config file. Known traps, handled where they arise:
 - PEFT + ZeRO-3 + gradient checkpointing needs reentrant checkpointing (TRL forces it);
-- QLoRA + ZeRO-3 needs the 4-bit storage dtype to equal the compute dtype (`modeling.quantization_config`);
+- QLoRA + ZeRO-3 needs the 4-bit storage dtype to equal the compute dtype (`models.loading.quantization_config`);
 - bf16 base + fp32 LoRA breaks ZeRO-3's all-gathers (TRL keeps adapters in the base dtype under ZeRO-3);
 - ZeRO-3's zero.Init needs the process group and the DeepSpeed config alive before the model is built, so
-  the training arguments are created first (`finetune.build_trainer`).
+  the training arguments are created first (`preference.build_preference_trainer`, `reward.build_reward_trainer`).
 """
 
 from __future__ import annotations
