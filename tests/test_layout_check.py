@@ -111,3 +111,17 @@ def test_a_kernel_without_custom_masks_falls_back(write_recipe) -> None:
     masks.model_config(trainer.model)._attn_implementation_internal = "hub_kernel"
     trainer.check_layout()
     assert step.verdict.layout == "concatenated" and "hub_kernel takes no custom mask" in step.verdict.reason
+
+
+def test_pairs_with_an_empty_tokenised_prompt_are_refused_with_one_line(cli, write_recipe, tmp_path: Path) -> None:
+    from tests.conftest import write_jsonl
+
+    # No BOS and a one-character prompt that merges with the response: TRL's split leaves no prompt token.
+    rows = [{"prompt": "W", "chosen": "hat is 2?", "rejected": "hat is 3?"}] + [
+        {"prompt": f"Question {i}?", "chosen": " Yes.", "rejected": " No."} for i in range(8)
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    result = cli("finetune", write_recipe(), f"data.train={data}")
+    if result.code == 0:
+        pytest.skip("this tokenizer keeps a prompt token for the merged pair")
+    assert_clean_error(result, "training.prefix_sharing", "tokenises to nothing")

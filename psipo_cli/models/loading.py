@@ -162,22 +162,6 @@ def use_adapter(model: PeftModel, adapter_name: str | None) -> Iterator[None]:
         model.set_adapter(previous)
 
 
-@contextlib.contextmanager
-def disable_gradient_checkpointing(model: Any, gradient_checkpointing_kwargs: dict | None = None) -> Iterator[None]:
-    """Gradient checkpointing off inside (a forward without backward needs none), restored after.
-
-    transformers' public API; replaces TRL's `trl.models.utils.disable_gradient_checkpointing`.
-    """
-    was_enabled = model.is_gradient_checkpointing
-    if was_enabled:
-        model.gradient_checkpointing_disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
-
-
 def load_policy(recipe: Recipe, run_dir: Path) -> Any:
     """A finished run's policy for inference: the recipe's base model with the run's trained adapter, eval mode.
 

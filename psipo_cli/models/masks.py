@@ -1,9 +1,9 @@
 """Attention masks of the prefix-shared layout, in the form each attention kernel needs.
 
-A shared row is described per token, not by an L×L matrix, so the collator stays cheap and flex attention never
-materialises one: `branch` (0 prompt, 1 chosen, 2 rejected incl. p', −1 padding), `visible` (a bit mask of the
-branches that may see the token: prompt tokens 0b111, the prompt's last token 0b011 because the rejected branch
-sees p' instead, chosen 0b010, rejected 0b100, padding 0) and `position_ids`. Query i may attend key j when
+A shared row is described per token, not by an L×L matrix, so the collator stays cheap and flex attention (its
+block mask compiled on a GPU) needs none: `branch` (0 prompt, 1 chosen, 2 rejected incl. p', −1 padding),
+`visible` (a bit mask of the branches that may see the token: prompt tokens 0b111, the prompt's last token 0b011
+because the rejected branch sees p' instead, chosen 0b010, rejected 0b100, padding 0) and `position_ids`. Query i may attend key j when
 
     j ≤ i  and  bit branch[i] of visible[j] is set  [and position[i] − position[j] < window on sliding layers]
 
@@ -97,12 +97,15 @@ def mask_mod(branch: Tensor, visible: Tensor, positions: Tensor, window: int | N
 
 
 def block_mask(branch: Tensor, visible: Tensor, positions: Tensor, window: int | None) -> Any:
-    """The same rule as `allowed`, as a flex_attention `BlockMask` (block-sparse, never an L×L tensor)."""
+    """The same rule as `allowed`, as a flex_attention `BlockMask`: block-sparse for the kernel."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch, length = branch.shape
     rule = mask_mod(branch, visible, positions, window)
-    return create_block_mask(rule, batch, None, length, length, device=branch.device)
+    # Compiled on a GPU, as transformers does: uncompiled, create_block_mask evaluates the rule over the dense L×L
+    # grid while building. On CPU (tests) the compile costs more than the grid.
+    compiled = branch.device.type == "cuda"
+    return create_block_mask(rule, batch, None, length, length, device=branch.device, _compile=compiled)
 
 
 def _kernel_form(kernel: str, branch: Tensor, visible: Tensor, positions: Tensor, window: int | None) -> Any:

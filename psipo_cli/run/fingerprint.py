@@ -40,6 +40,8 @@ FREE_KEYS = (
     "training.per_device_eval_batch_size",
     "training.dataloader_num_workers",
     "training.gradient_checkpointing",  # recomputes activations: same numbers, less memory
+    "training.prefix_sharing",  # the layouts give the same log-probs (the self-check proves it on the model)
+    "objective.precompute_ref_log_probs",  # the same reference, computed before training or every step
     "training.max_steps",
     "training.num_train_epochs",
 )

@@ -1,6 +1,6 @@
 """`psipo eval`: score a finished run on held-out pairs, and optionally sample from it to estimate KL(π‖π_ref).
 
-Eval sees exactly what training saw: the pairs go through psipo's data pipeline (`data.load_pairs`: the recipe's
+Eval sees exactly what training saw: the pairs go through psipo's data pipeline (`data.pairs.load_pairs`: the recipe's
 column mapping, chat rendering and too_long policy), TRL's own tokenisation (`DPOTrainer._prepare_dataset`), the
 trainer's forward step and collator (`forward.py`) and the objective's functions (`objectives.py`), batched by
 `training.per_device_eval_batch_size` as the trainer's evaluation is. So the reported reward accuracy and mean

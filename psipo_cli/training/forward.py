@@ -3,8 +3,9 @@
 A forward step owns both the batch layout (its collator) and the model call that reads it, so the
 trainer can swap layouts (e.g. a prefix-shared `[prompt | chosen | rejected]` row) without touching the
 loss. Every step returns summed log-probs and response lengths; aggregation (sum or mean) happens in
-`objectives.sequence_logps`, the same for policy and reference. `layout_check.CheckedForward` guards the
-prefix-shared layout with a comparison against the concatenated one on the user's own model.
+`aggregate` (through `objectives.sequence_logps`), the same for policy and reference, trainer and `psipo eval`.
+`layout_check.CheckedForward` guards the prefix-shared layout with a comparison against the concatenated one on
+the user's own model.
 """
 
 from __future__ import annotations

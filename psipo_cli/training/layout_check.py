@@ -73,6 +73,22 @@ def max_diff_per_token(a: PairLogps, b: PairLogps) -> float:
     return float(torch.stack(diffs).max())
 
 
+def _agree(model: Any, diff: float | None, reason: str) -> tuple[float | None, str]:
+    """Every process takes the same decision: each checked its own first batch, and a process on the other
+    layout (or one stopping alone) would leave the others waiting in a collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return diff, reason
+    device = next(model.parameters()).device
+    worst = torch.tensor([float(bool(reason)), -1.0 if diff is None else diff], device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    failed, largest = bool(worst[0].item()), float(worst[1].item())
+    if failed and not reason:
+        reason = f"another process found the layouts differ (max |Δ| {largest:.1e} nats/token)"
+    return (largest if largest >= 0 else diff), reason
+
+
 @contextlib.contextmanager
 def _eval_mode(model: Any) -> Iterator[None]:
     was_training = model.training
@@ -107,6 +123,7 @@ class CheckedForward:
                 reason = "" if diff <= tolerance else f"log-probs differ by {diff:.1e} nats/token > {tolerance:.0e}"
             except (UnsupportedLayout, RuntimeError, TypeError, ValueError) as err:  # a model that refuses the row
                 diff, reason = None, str(err).splitlines()[0] if str(err) else type(err).__name__
+        diff, reason = _agree(model, diff, reason)
         layout = "concatenated" if reason else "prefix-shared"
         self.verdict = Verdict(layout, diff, tolerance, time.perf_counter() - started, reason)
         if reason and self.strict:

@@ -17,12 +17,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from trl import DPOConfig, DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 
 from psipo_cli.data.chat import ENDS_MARKED
+from psipo_cli.errors import UserError
 from psipo_cli.models.loading import (
     attach_adapter,
     disable_base_dropout,
-    disable_gradient_checkpointing,
     load_base_model,
     use_adapter,
 )
@@ -228,8 +229,26 @@ def build_preference_trainer(prepared: Prepared, model: Any = None) -> PsipoTrai
         forward_step=forward,
     )
     disable_base_dropout(trainer.model)
+    if isinstance(forward, CheckedForward):
+        _require_prompt_tokens(trainer.train_dataset, trainer.eval_dataset)
     if recipe.objective.precompute_ref_log_probs:  # runs the self-check on its first batch
         splits = {"train": prepared.train, "eval": prepared.eval}
         keys = {name: reference_key(recipe, tokenizer, data.fingerprint) for name, data in splits.items() if data}
         trainer.reference_cache_hits = trainer.precompute_reference(keys)
     return trainer
+
+
+def _require_prompt_tokens(*datasets: Any) -> None:
+    """A shared row forks the rejected branch off the prompt's last token: a pair whose prompt tokenises to nothing
+    (TRL's prompt/response split can give that when they merge into one token) has none to fork from."""
+    import pyarrow.compute as pc
+
+    for dataset in (d for d in datasets if d is not None):
+        lengths = pc.list_value_length(dataset.data.column("prompt_ids"))
+        empty = len(dataset) - pc.count(pc.filter(lengths, pc.greater(lengths, 0))).as_py()
+        if empty:
+            raise UserError(
+                f"{empty} pair(s) have a prompt that tokenises to nothing, which prefix sharing cannot fork from; "
+                "set training.prefix_sharing: false",
+                where="training.prefix_sharing",
+            )

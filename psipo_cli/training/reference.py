@@ -3,7 +3,8 @@
 The key is the base model's identity (name, revision, and for a local directory the size and modification time of
 its files, so a model retrained in place is noticed; no parameter is hashed, so ZeRO-3's partitioned weights do not
 matter and a 7B model costs no hashing pass), the starting adapter if any, how the weights are loaded (dtype,
-quantisation, attention kernel), the tokenizer and chat template, the pairs' content, max_length and truncation.
+quantisation, attention kernel), the tokenizer and chat template, the pairs' content, max_length and truncation,
+the mixed precision the pass runs under, and the code that computes it (a cache version and the library versions).
 Learning rate, τ, seed, output directory and the rest of the recipe do not change the reference, so a τ sweep
 computes it once. (TRL's own cache key hashes a dataset fingerprint that includes every training argument, and the
 policy's parameters, which differ with the seed and are empty under ZeRO-3.)
@@ -22,9 +23,13 @@ from datasets import Dataset
 from datasets.fingerprint import Hasher
 
 from psipo_cli.recipe.schema import Recipe
+from psipo_cli.run.directory import library_versions
 from psipo_cli.run.fingerprint import model_identity
 
 CACHE_FOLDER = "psipo-reference"
+# Bumped whenever how the reference log-probs are computed changes (tokenisation, forward step), so old caches
+# are not served after an upgrade; the library versions are in the key for the same reason.
+CACHE_VERSION = 1
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
@@ -46,6 +51,8 @@ def reference_key(recipe: Recipe, tokenizer: Any, pairs_fingerprint: str) -> str
             "pairs": pairs_fingerprint,
             "max_length": recipe.data.max_length,
             "truncation": "keep_start",
+            "precision": "bf16" if recipe.training.bf16 else "fp16" if recipe.training.fp16 else "fp32",  # autocast
+            "code": (CACHE_VERSION, library_versions()),
         }
     )
 
@@ -68,21 +75,24 @@ def reference_model(trainer: Any) -> Any:
 def with_reference(trainer: Any, model: Any, dataset: Dataset, key: str, batch_size: int) -> tuple[Dataset, bool]:
     """`dataset` with the reference log-prob columns added, and whether they came from the cache.
 
-    Every process computes its share of the batches and gathers; the main process writes the cache file (by
-    rename, so it is whole or absent) and all read it back.
+    The main process decides whether the cache has them and tells the others, so all take the same path (a file
+    appearing between two processes' looks would otherwise split the collectives). On a miss every process
+    computes its share and gathers all values; the main process writes the file (by rename: whole or absent). On
+    a hit the main process reads it and sends the values, so nodes whose cache directory is not shared agree.
     """
-    key = broadcast_object_list([key], from_process=0)[0]  # one file for all ranks, whatever each computed
-    path = cache_path(key)
-    hit = path.is_file()
-    if not hit:
+    accelerator = trainer.accelerator
+    path = cache_path(broadcast_object_list([key], from_process=0)[0])
+    hit = broadcast_object_list([path.is_file()], from_process=0)[0]
+    if hit:
+        read = json.loads(path.read_text(encoding="utf-8")) if accelerator.is_main_process else None
+        values = broadcast_object_list([read], from_process=0)[0]
+    else:
         values = _compute(trainer, model, dataset, batch_size)
-        if trainer.accelerator.is_main_process:
+        if accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
             tmp.write_text(json.dumps(values), encoding="utf-8")
             os.replace(tmp, path)
-        trainer.accelerator.wait_for_everyone()
-    values = json.loads(path.read_text(encoding="utf-8"))
     for column in COLUMNS:
         dataset = dataset.add_column(column, values[column])
     return dataset, hit

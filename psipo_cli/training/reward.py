@@ -69,7 +69,8 @@ class PsipoRewardTrainer(RewardTrainer):
             "reward_rejected": r_rejected.detach(),
         }
         for key, value in values.items():
-            self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).mean().item())
+            # One value per pair, as PsipoTrainer records them: TRL's log then averages over pairs, not batches.
+            self._metrics[mode][key].extend(self.accelerator.gather_for_metrics(value).float().tolist())
         return (loss, outputs) if return_outputs else loss
 
 

@@ -7,11 +7,11 @@ are listed here (`HOOKS`: where each lives, the name, what psipo uses it for, wh
 `check()` verifies each one when the training package is first imported: a missing hook is one line naming it and
 the installed and tested versions, at start, not a traceback mid-run.
 
-Replaced by public APIs (no longer in the table for psipo's training code):
+Replaced by public APIs (no longer in the table for psipo's training code). TRL's
+`disable_gradient_checkpointing` stays: transformers' switches are deprecated in 5.x, and re-enabling them from
+psipo would not restore exactly the settings the Trainer chose (e.g. reentrant under PEFT + ZeRO-3).
 - `trl.trainer.utils.use_adapter` → `psipo_cli.models.loading.use_adapter` (peft's `disable_adapter`,
   `active_adapter`, `set_adapter`);
-- `trl.models.utils.disable_gradient_checkpointing` → `psipo_cli.models.loading.disable_gradient_checkpointing`
-  (transformers' `is_gradient_checkpointing`, `gradient_checkpointing_disable/enable`);
 - `trl.trainer.utils.global_then_local_main_first` → `psipo_cli.data.pairs.main_processes_first` (accelerate's
   `PartialState.main_process_first` and `local_main_process_first`).
 
@@ -203,6 +203,14 @@ HOOKS: tuple[Hook, ...] = (
         "training/reward.py",
         "quiets the expected missing/unexpected keys when a causal LM gets a scalar head",
         "TRL-internal context manager; transformers offers no per-call switch",
+    ),
+    Hook(
+        "trl.models.utils",
+        "disable_gradient_checkpointing",
+        "attribute",
+        "training/preference.py",
+        "gradient checkpointing off for the no-grad reference pass and self-check, restored as the Trainer set it",
+        "transformers' own switches are deprecated in 5.x and would not restore the Trainer's exact settings",
     ),
     Hook(
         "trl.models",
