@@ -3,7 +3,8 @@
 A shared row is described per token, not by an L×L matrix, so the collator stays cheap and flex attention (its
 block mask compiled on a GPU) needs none: `branch` (0 prompt, 1 chosen, 2 rejected incl. p', −1 padding),
 `visible` (a bit mask of the branches that may see the token: prompt tokens 0b111, the prompt's last token 0b011
-because the rejected branch sees p' instead, chosen 0b010, rejected 0b100, padding 0) and `position_ids`. Query i may attend key j when
+because the rejected branch sees p' instead, chosen 0b010, rejected 0b100, padding 0) and `position_ids`.
+Query i may attend key j when
 
     j ≤ i  and  bit branch[i] of visible[j] is set  [and position[i] − position[j] < window on sliding layers]
 
