@@ -66,9 +66,9 @@ def router_aux_coef(model: Any) -> float:
     return getattr(text, "router_aux_loss_coef", 0.0) if hasattr(text, "output_router_logits") else 0.0
 
 
-def _router_kwargs(model: Any, router_aux: bool) -> dict[str, Any]:
+def _router_kwargs(coef: float, router_aux: bool) -> dict[str, Any]:
     # Explicit either way: the fused head turns router logits on whenever the config says so.
-    return {"output_router_logits": router_aux} if router_aux_coef(model) else {}
+    return {"output_router_logits": router_aux} if coef else {}
 
 
 PER_PAIR_FLOATS = ("ref_chosen_logps", "ref_rejected_logps", "p_hat")  # optional columns, one number per pair
@@ -101,6 +101,7 @@ class ConcatenatedForward:
 
     def __call__(self, model: Any, inputs: dict[str, Tensor], router_aux: bool = False) -> PairLogps:
         completion_mask = inputs["completion_mask"]  # (2B, L)
+        coef = router_aux_coef(model)
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         # TRL's fused LM head scores only labelled positions, in chunks, never materialising (2B, L, V) logits.
         out = model(
@@ -109,14 +110,14 @@ class ConcatenatedForward:
             labels=labels,
             fused_lm_head=True,
             use_cache=False,
-            **_router_kwargs(model, router_aux),
+            **_router_kwargs(coef, router_aux),
         )
         shift_mask = completion_mask[:, 1:]  # (2B, L-1): position t predicts token t+1
         logps = out.log_probs[:, -shift_mask.size(1) :].sum(dim=1)  # (2B,)
         tokens = shift_mask.sum(dim=1)  # (2B,)
         chosen, rejected = logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
-        aux = out.aux_loss * router_aux_coef(model) if router_aux and out.aux_loss is not None else None
+        aux = out.aux_loss * coef if router_aux and out.aux_loss is not None else None
         return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens, aux)
 
     def count_tokens(self, inputs: dict[str, Tensor]) -> Tensor:
@@ -208,7 +209,8 @@ class PrefixSharedForward:
         return PrefixSharedCollator(pad_token_id=pad_token_id, max_length=max_length)
 
     def __call__(self, model: Any, inputs: dict[str, Tensor], router_aux: bool = False) -> PairLogps:
-        if router_aux and router_aux_coef(model):
+        coef = router_aux_coef(model)
+        if router_aux and coef:
             # transformers' load-balancing loss reads a (B, L) padding mask; a shared row has a 4-D one.
             raise UnsupportedLayout("the MoE router balancing loss needs the concatenated layout")
         out = model(
@@ -218,7 +220,7 @@ class PrefixSharedForward:
             shift_labels=inputs["shift_labels"],  # already aligned: position t's own next token
             fused_lm_head=True,
             use_cache=False,
-            **_router_kwargs(model, False),
+            **_router_kwargs(coef, False),
         )
         logps = out.log_probs  # (B, L), zero where the label is -100
         chosen_mask, rejected_mask = inputs["chosen_mask"], inputs["rejected_mask"]

@@ -34,7 +34,7 @@ from psipo_cli.training.distributed import prepare_zero3_init
 from psipo_cli.training.forward import ConcatenatedForward, ForwardStep, aggregate
 from psipo_cli.training.inputs import Prepared
 from psipo_cli.training.layout_check import CheckedForward, forward_step_for
-from psipo_cli.training.reference import reference_key, reference_model, with_reference
+from psipo_cli.training.reference import reference_keys, reference_model, with_reference
 
 
 class PsipoTrainer(DPOTrainer):
@@ -233,8 +233,8 @@ def build_preference_trainer(prepared: Prepared, model: Any = None) -> PsipoTrai
         _require_prompt_tokens(trainer.train_dataset, trainer.eval_dataset)
     if recipe.objective.precompute_ref_log_probs:  # runs the self-check on its first batch
         splits = {"train": prepared.train, "eval": prepared.eval}
-        keys = {name: reference_key(recipe, tokenizer, data.fingerprint) for name, data in splits.items() if data}
-        trainer.reference_cache_hits = trainer.precompute_reference(keys)
+        fingerprints = {name: data.fingerprint for name, data in splits.items() if data}
+        trainer.reference_cache_hits = trainer.precompute_reference(reference_keys(recipe, tokenizer, fingerprints))
     return trainer
 
 

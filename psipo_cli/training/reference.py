@@ -39,22 +39,23 @@ def tokenizer_identity(tokenizer: Any) -> str:
     return Hasher.hash((vocab, tokenizer.chat_template, tokenizer.eos_token, tokenizer.bos_token))
 
 
-def reference_key(recipe: Recipe, tokenizer: Any, pairs_fingerprint: str) -> str:
-    """The cache key of one split's reference log-probs (see the module docstring for what is in it)."""
+def reference_keys(recipe: Recipe, tokenizer: Any, pairs_fingerprints: dict[str, str]) -> dict[str, str]:
+    """The cache key of each split's reference log-probs, {split: key} (see the module docstring for what is in
+    them). What the splits share (model files, tokenizer) is identified once."""
     spec = recipe.model
-    return Hasher.hash(
+    shared = Hasher.hash(
         {
             "model": model_identity(spec.name_or_path, spec.revision),
             "loading": (spec.dtype, spec.quantization, spec.quant_type, spec.double_quant, spec.attn_implementation),
             "adapter": model_identity(recipe.adapter.init_from, None) if recipe.adapter.init_from else None,
             "tokenizer": tokenizer_identity(tokenizer),
-            "pairs": pairs_fingerprint,
             "max_length": recipe.data.max_length,
             "truncation": "keep_start",
             "precision": "bf16" if recipe.training.bf16 else "fp16" if recipe.training.fp16 else "fp32",  # autocast
             "code": (CACHE_VERSION, library_versions()),
         }
     )
+    return {split: Hasher.hash((shared, pairs)) for split, pairs in pairs_fingerprints.items()}
 
 
 def cache_path(key: str) -> Path:
