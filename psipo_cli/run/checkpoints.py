@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 
 from psipo_cli.errors import UserError
 from psipo_cli.run.directory import METRICS_FILE, read_metrics, write_atomic, write_jsonl_atomic
+from psipo_cli.training.distributed import max_over_processes
 
 COMPLETE_MARK = "psipo-complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -124,11 +125,4 @@ class StopOnSignal(TrainerCallback):
 
     def _anyone_received(self, args: Any) -> bool:
         """Whether any process got a signal: all must stop at the same step, or the next collective hangs."""
-        import torch
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return self.received is not None
-        flag = torch.tensor([float(self.received is not None)], device=args.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return max_over_processes([float(self.received is not None)], args.device)[0] > 0

@@ -91,6 +91,19 @@ def prepare_zero3_init(args: Any) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def max_over_processes(values: list[float], device: Any) -> list[float]:
+    """Each value's maximum over all processes (the values themselves in a single process): how processes that
+    each looked at their own data take one decision, so none is left waiting alone in a collective."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def default_accelerate_config(num_processes: int) -> Path:
     """A plain process launcher: DeepSpeed, if any, is configured by the recipe itself (`deepspeed_config`)."""
     return ACCELERATE_CONFIGS / ("multi_gpu.yaml" if num_processes > 1 else "single_gpu.yaml")

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from psipo_cli.errors import UserError
 from psipo_cli.models.masks import UnsupportedLayout
+from psipo_cli.training.distributed import max_over_processes
 from psipo_cli.training.forward import (
     ConcatenatedForward,
     PairLogps,
@@ -76,14 +77,8 @@ def max_diff_per_token(a: PairLogps, b: PairLogps) -> float:
 def _agree(model: Any, diff: float | None, reason: str) -> tuple[float | None, str]:
     """Every process takes the same decision: each checked its own first batch, and a process on the other
     layout (or one stopping alone) would leave the others waiting in a collective."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return diff, reason
     device = next(model.parameters()).device
-    worst = torch.tensor([float(bool(reason)), -1.0 if diff is None else diff], device=device)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    failed, largest = bool(worst[0].item()), float(worst[1].item())
+    failed, largest = max_over_processes([float(bool(reason)), -1.0 if diff is None else diff], device)
     if failed and not reason:
         reason = f"another process found the layouts differ (max |Δ| {largest:.1e} nats/token)"
     return (largest if largest >= 0 else diff), reason
