@@ -11,6 +11,7 @@ the README ("Exact on every model") is this matrix.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -67,17 +68,23 @@ FALLS_BACK = {"mixtral (MoE)": "router balancing loss"}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _static_flex_compiles() -> Any:
+def _static_flex_compiles(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """flex_attention compiles per shape on CPU; after a second shape dynamo would retry with dynamic shapes, whose
     CPU code fails to build in torch 2.13 (seen: a C++ compile error on the second architecture). Keep shapes static
-    and let every architecture have its own compile."""
+    and let every architecture have its own compile, in a cache of this run's own: a shared one left half-written by
+    a killed run fails every later compile ("file too short")."""
     import torch._dynamo
 
     config = torch._dynamo.config
-    saved = config.automatic_dynamic_shapes, config.cache_size_limit
+    saved = config.automatic_dynamic_shapes, config.cache_size_limit, os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     config.automatic_dynamic_shapes, config.cache_size_limit = False, 64
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
     yield
-    config.automatic_dynamic_shapes, config.cache_size_limit = saved
+    config.automatic_dynamic_shapes, config.cache_size_limit = saved[:2]
+    if saved[2] is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved[2]
 
 
 def _model(name: str, kernel: str) -> Any:
