@@ -22,7 +22,11 @@ def _build(write_recipe, *overrides: str):
 
 
 def test_a_sweep_over_training_settings_reuses_the_reference(write_recipe, tmp_path: Path, monkeypatch) -> None:
-    first = _build(write_recipe, "data.max_length=60")  # a max_length no other test uses: a fresh cache entry
+    import datasets
+
+    # A cache of this test's own: the machine's may hold this very key from an earlier run.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    first = _build(write_recipe, "data.max_length=60")
     assert first.reference_cache_hits == {"train": False}
 
     def must_not_run(*args, **kwargs):
