@@ -47,19 +47,26 @@ class ChatRenderer:
         self.markers = {m for m in _special_tokens(tokenizer) if m}
 
     def __call__(self, prompt: Any, response: Any) -> tuple[str, str]:
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError("conversational rows need a tokenizer with a chat template")
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if isinstance(response, str):
-            response = [{"role": "assistant", "content": response}]
+        prompt = self._messages(prompt, "user")
         head = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        full = self.tokenizer.apply_chat_template(prompt + response, tokenize=False)
+        full = self.tokenizer.apply_chat_template(prompt + self._messages(response, "assistant"), tokenize=False)
         if not full.startswith(head):
             raise ValueError("the chat template does not render the prompt as a prefix of prompt+response")
         if self.strip and head.startswith(self.strip):
             head, full = head[len(self.strip) :], full[len(self.strip) :]
         return head, self.end_turn(full[len(head) :])
+
+    def prompt(self, prompt: Any) -> str:
+        """The prompt alone, as `__call__` renders it before a response: what a sampled response continues."""
+        head = self.tokenizer.apply_chat_template(
+            self._messages(prompt, "user"), add_generation_prompt=True, tokenize=False
+        )
+        return head[len(self.strip) :] if self.strip and head.startswith(self.strip) else head
+
+    def _messages(self, value: Any, role: str) -> list[dict[str, Any]]:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("conversational rows need a tokenizer with a chat template")
+        return [{"role": role, "content": value}] if isinstance(value, str) else value
 
     def end_turn(self, response: str) -> str:
         """The rendered response ending at its end-of-turn token, or with EOS if the template writes none."""

@@ -30,11 +30,11 @@ from jinja2 import TemplateError
 from psipo_cli.data.chat import ChatRenderer, end_with_eos
 from psipo_cli.errors import UserError, shown
 from psipo_cli.recipe.loader import looks_local
-from psipo_cli.recipe.schema import Columns, DataSection, DataSource
+from psipo_cli.recipe.schema import Columns, DataSection, DataSource, Recipe
 
 MAX_LISTED_ROWS = 5  # bad rows named in one error line; the total is always given
 CSV_FIELD_LIMIT = 1 << 30  # the csv module's default (128 KiB) refuses long but legitimate responses
-_MISSING = object()  # a column absent from one row (the first row's columns are checked separately)
+MISSING = object()  # a column absent from one row (the first row's columns are checked separately)
 # Where an assistant turn begins in dialogues stored as one text (Anthropic HH-RLHF). A prompt split off such
 # text ends just after one of these; add other dialogue formats' assistant markers here.
 ASSISTANT_TURN_MARKERS = ("\n\nAssistant:",)
@@ -52,7 +52,7 @@ class PreferenceData:
     truncated: int | None = None  # pairs cut to max_length, where counted (reward.tokenize_pairs)
 
 
-class _RowErrors:
+class RowErrors:
     """Collect row problems; fail with the first few row numbers and the total count."""
 
     def __init__(self, where: str) -> None:
@@ -162,8 +162,8 @@ def _is_messages(value: Any) -> bool:
     )
 
 
-def _field_problem(value: Any, name: str) -> str | None:
-    if value is _MISSING:
+def field_problem(value: Any, name: str) -> str | None:
+    if value is MISSING:
         return f"'{name}' is missing"
     if value is None:
         return f"'{name}' is null"
@@ -243,27 +243,27 @@ def _split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | None:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _normalise_row(row: Any, columns: Columns, render: ChatRenderer) -> tuple[dict[str, Any] | None, str | None]:
+def normalise_row(row: Any, columns: Columns, render: ChatRenderer) -> tuple[dict[str, Any] | None, str | None]:
     """(plain-text row, problem)."""
     if not isinstance(row, dict):
         return None, f"expected an object with columns, got {type(row).__name__}"
-    prompt, chosen, rejected = (row.get(c, _MISSING) for c in (columns.prompt, columns.chosen, columns.rejected))
+    prompt, chosen, rejected = (row.get(c, MISSING) for c in (columns.prompt, columns.chosen, columns.rejected))
     for name, value in ((columns.chosen, chosen), (columns.rejected, rejected)):
-        if (problem := _field_problem(value, name)) is not None:
+        if (problem := field_problem(value, name)) is not None:
             return None, problem
     if _whole_conversations(chosen, rejected):
         # e.g. UltraFeedback: chosen/rejected hold the user turn too; a prompt column, if any, repeats it.
         prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
-    elif prompt is _MISSING and isinstance(chosen, str) and isinstance(rejected, str):
+    elif prompt is MISSING and isinstance(chosen, str) and isinstance(rejected, str):
         # e.g. HH-RLHF: chosen/rejected are whole dialogues as text, the prompt implicit in both.
         if (split := _split_dialogue(chosen, rejected)) is None:
             markers = " or ".join(map(repr, ASSISTANT_TURN_MARKERS))
             return None, f"no '{columns.prompt}' column, and chosen and rejected share no {markers} turn to split it at"
         prompt, chosen, rejected = split
         for name, value in ((columns.chosen, chosen), (columns.rejected, rejected)):
-            if (problem := _field_problem(value, name)) is not None:
+            if (problem := field_problem(value, name)) is not None:
                 return None, f"{problem} after the shared dialogue"
-    elif (problem := _field_problem(prompt, columns.prompt)) is not None:
+    elif (problem := field_problem(prompt, columns.prompt)) is not None:
         return None, problem
     p_hat, problem = _soft_label(row, columns)
     if problem is not None:
@@ -312,7 +312,7 @@ def validated_rows(
     """
     name, rows = read_rows(source)
     where = f"{key} ({name})"
-    errors = _RowErrors(where)
+    errors = RowErrors(where)
     render = ChatRenderer(tokenizer)
     good: list[tuple[Any, dict]] = []
     count = 0
@@ -320,7 +320,7 @@ def validated_rows(
         if count == 0:
             _check_columns(row, columns, where)
         count += 1
-        normalised, problem = _normalise_row(row, columns, render)
+        normalised, problem = normalise_row(row, columns, render)
         if problem is not None:
             errors.add(number, problem)
         else:
@@ -335,11 +335,16 @@ def load_pairs(source: DataSource, data: DataSection, tokenizer: Any, split_name
     """Read, validate and normalise one split; fail on bad rows, drop over-long prompts per `data.too_long`."""
     where, pairs = validated_rows(source, data.columns, tokenizer, f"data.{split_name}")
     rows = [normalised for _, normalised in pairs]
-    good, dropped = _drop_long_prompts(rows, data, tokenizer, where)
+    good, dropped = drop_long_prompts(rows, data, tokenizer, where)
     if not good:
         raise UserError(f"no usable pairs left ({dropped})", where=where)
     digest = Hasher.hash(good)
     return PreferenceData(cached_dataset(good, digest), where, len(rows), dropped, digest)
+
+
+def load_split(recipe: Recipe, tokenizer: Any, split_name: str) -> PreferenceData:
+    """The pairs of data.<split_name> ("train" or "eval")."""
+    return load_pairs(getattr(recipe.data, split_name), recipe.data, tokenizer, split_name)
 
 
 @contextlib.contextmanager
@@ -378,23 +383,26 @@ def cached_dataset(rows: list[dict[str, Any]], digest: str) -> Dataset:
     return datasets.load_from_disk(str(path))
 
 
-def _drop_long_prompts(
-    rows: list[dict[str, Any]], data: DataSection, tokenizer: Any, where: str
+def drop_long_prompts(
+    rows: list[dict[str, Any]], data: DataSection, tokenizer: Any, where: str, room: int = 0
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """A prompt of max_length tokens or more leaves no response token after truncation: drop or fail."""
+    """Pairs: a prompt of max_length tokens or more leaves no response token after truncation. Prompts to sample
+    from (`room`: the new tokens a response may take): one of more than max_length − room tokens. Drop or fail."""
     # verbose=False: transformers would warn on stderr about prompts longer than the model; they are handled here.
     encoded = tokenizer([r["prompt"] for r in rows], add_special_tokens=True, verbose=False)
     lengths = [len(ids) for ids in encoded["input_ids"]]
-    too_long = [i for i, n in enumerate(lengths) if n >= data.max_length]
+    longest = data.max_length - room if room else data.max_length - 1
+    too_long = [i for i, n in enumerate(lengths) if n > longest]
     if not too_long:
         return rows, {}
+    fill = f"data.max_length={data.max_length}" + (f" with rollout.max_new_tokens={room}" if room else "")
     if data.too_long == "error":
-        shown = ", ".join(str(i + 1) for i in too_long[:MAX_LISTED_ROWS])
+        listed = ", ".join(str(i + 1) for i in too_long[:MAX_LISTED_ROWS])
         raise UserError(
-            f"{len(too_long)} prompt(s) fill data.max_length={data.max_length} tokens (pairs {shown}); raise "
+            f"{len(too_long)} prompt(s) fill {fill} tokens ({'rows' if room else 'pairs'} {listed}); raise "
             "max_length or set data.too_long: drop",
             where=where,
         )
     keep = set(range(len(rows))) - set(too_long)
-    reason = f"prompt >= max_length ({data.max_length} tokens)"
+    reason = f"prompt > {longest} tokens ({fill})" if room else f"prompt >= max_length ({data.max_length} tokens)"
     return [rows[i] for i in sorted(keep)], {reason: len(too_long)}

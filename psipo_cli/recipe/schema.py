@@ -136,12 +136,19 @@ class DataSection(Section):
 
 
 class ObjectiveSection(Section):
-    loss: Literal["dpo", "ipo", "psipo", "reward"] = Field(
+    loss: Literal["dpo", "ipo", "psipo", "reward", "rlhf", "online_psipo"] = Field(
         "ipo",
         description="dpo: −log σ(τh) (eq. 9); ipo: (h − 1/(2τ))² (eq. 28); psipo: regress h to (Ψ(p̂)−Ψ(1−p̂))/(2τ); "
-        "reward: a Bradley–Terry reward model, −log σ(r_w − r_l) (eq. 5), for `psipo label`.",
+        "reward: a Bradley–Terry reward model, −log σ(r_w − r_l) (eq. 5), for `psipo label` and the stages below; "
+        "rlhf: maximise E[r] − τ·KL(π‖π_ref) (eq. 6) with RLOO, r from rollout.reward_model; online_psipo: ΨPO on "
+        "pairs sampled from the policy each step and labelled p̂ = σ(r(y) − r(y′)) (identity Ψ: online IPO).",
     )
-    tau: float = Field(0.1, gt=0, description="Regularisation strength τ (DPO's β). Smaller τ allows larger margins.")
+    tau: float = Field(
+        0.1,
+        gt=0,
+        description="Regularisation strength τ (DPO's β; for rlhf the KL coefficient of eq. 6, TRL's β, on the "
+        "sequence KL). Smaller τ allows larger margins.",
+    )
     psi: str = Field(
         "identity",
         description="Ψ for psipo: a registered name (identity, logit) or an expression in q of at most 200 characters "
@@ -193,8 +200,12 @@ class TrainingSection(Section):
     learning_rate: float = Field(5e-5, gt=0, description="Peak AdamW learning rate.")
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 uses num_train_epochs.")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (when max_steps is -1).")
-    per_device_train_batch_size: int = Field(4, ge=1, description="Pairs per device per micro-batch.")
-    per_device_eval_batch_size: int = Field(8, ge=1, description="Pairs per device per evaluation batch.")
+    per_device_train_batch_size: int = Field(
+        4, ge=1, description="Pairs per device per micro-batch (prompts for rlhf and online_psipo)."
+    )
+    per_device_eval_batch_size: int = Field(
+        8, ge=1, description="Pairs per device per evaluation batch (prompts for rlhf and online_psipo)."
+    )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     seed: int = Field(42, description="Seed for adapter init, data order and dropout.")
     logging_steps: int = Field(10, ge=1, description="Write a metrics.jsonl line every this many steps.")
@@ -258,6 +269,45 @@ class DistributedSection(Section):
         return {"zero2": 2, "zero3": 3}.get(self.strategy)
 
 
+class RolloutSection(Section):
+    """Sampling from the policy while training: the rlhf and online_psipo stages (on TRL's RLOOTrainer)."""
+
+    reward_model: str = Field(
+        description="Run directory of a psipo reward model (objective.loss: reward) on the same base model; "
+        "relative paths are taken from the working directory, like output.dir."
+    )
+    responses_per_prompt: int = Field(
+        2,
+        ge=2,
+        description="Responses sampled per prompt each step: RLOO's k (its leave-one-out baseline needs 2 or more); "
+        "online_psipo samples one pair, 2.",
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Longest sampled response in tokens; prompt + it ≤ max_length.")
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Sampling temperature. 1 samples π itself; otherwise the log-probs of the loss and the KL are "
+        "those of the tempered policy, as in TRL.",
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
+    clip_epsilon: float = Field(0.2, gt=0, lt=1, description="rlhf: PPO clip range ε of the surrogate (TRL's epsilon).")
+    iterations: int = Field(
+        1, ge=1, description="Optimisation passes over each batch of samples before sampling again (PPO's μ)."
+    )
+    label: Literal["soft", "bernoulli"] = Field(
+        "soft",
+        description="online_psipo: the label p̂ = σ(r(y) − r(y′)) itself, or a draw of 1 (y preferred) with that "
+        "probability, as from one annotator.",
+    )
+    mixture: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="online_psipo: sample from the geometric mixture π^(1−β)·π_ref^β with β = mixture (IPO-MD); "
+        "0 samples π (online IPO).",
+    )
+
+
 class OutputSection(Section):
     dir: str = Field(description="Run directory: recipe, metrics, adapter, summary and checkpoints go here.")
     report_to: list[Literal["none", "tensorboard", "wandb", "mlflow"]] = Field(
@@ -297,6 +347,9 @@ class Recipe(Section):
     distributed: DistributedSection = Field(
         default_factory=DistributedSection, description="Multi-process / DeepSpeed settings."
     )
+    rollout: RolloutSection | None = Field(
+        None, description="Sampling and the reward model, for objective.loss rlhf and online_psipo only."
+    )
     output: OutputSection = Field(description="Where the run goes.")
 
     @model_validator(mode="after")
@@ -326,7 +379,54 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _rollout_matches_objective(self) -> Recipe:
+        loss, rollout = self.objective.loss, self.rollout
+        if loss not in SAMPLING_LOSSES:
+            if rollout is not None:
+                raise UserError(
+                    f"applies to objective.loss rlhf and online_psipo only (this recipe trains {loss})", where="rollout"
+                )
+            return self
+        if rollout is None:
+            raise UserError(f"objective.loss: {loss} needs the reward model to sample against", where="rollout")
+        _check_rollout(self, rollout)
+        return self
+
+    @model_validator(mode="after")
     def _hub_target(self) -> Recipe:
         if self.output.push_to_hub and not self.output.hub_model_id:
             raise ValueError("output.hub_model_id: output.push_to_hub needs the hub repository to push to (owner/name)")
         return self
+
+
+SAMPLING_LOSSES = ("rlhf", "online_psipo")  # the stages that sample from the policy (rollout section)
+ONLINE_ONLY = ("label", "mixture")  # rollout keys of online_psipo
+RLHF_ONLY = ("clip_epsilon",)
+
+
+def _check_rollout(recipe: Recipe, rollout: RolloutSection) -> None:
+    """Settings the sampling stages cannot run with, each named by its key (UserError passes through pydantic)."""
+    loss, given = recipe.objective.loss, rollout.model_fields_set
+    foreign = [k for k in (RLHF_ONLY if loss == "online_psipo" else ONLINE_ONLY) if k in given]
+    if foreign:
+        raise UserError(
+            f"applies to {'rlhf' if loss == 'online_psipo' else 'online_psipo'} only", f"rollout.{foreign[0]}"
+        )
+    if loss == "online_psipo" and rollout.responses_per_prompt != 2:
+        raise UserError("online_psipo samples one pair per prompt: 2", where="rollout.responses_per_prompt")
+    if loss == "online_psipo" and rollout.label == "bernoulli" and not resolve_psi(recipe.objective.psi).linear:
+        # Proposition 3 (a hard label drawn with probability p̂ is unbiased) holds for a linear Ψ(q) − Ψ(1 − q).
+        raise UserError("a non-linear Ψ needs the soft label, not a draw", where="rollout.label")
+    if rollout.max_new_tokens >= recipe.data.max_length:
+        raise UserError(
+            f"must leave room for the prompt within data.max_length={recipe.data.max_length}",
+            where="rollout.max_new_tokens",
+        )
+    if recipe.objective.precompute_ref_log_probs:
+        raise UserError("the samples are new every step: nothing to precompute", "objective.precompute_ref_log_probs")
+    if recipe.training.prefix_sharing is True:
+        raise UserError(
+            "prefix sharing lays out preference pairs; sampled responses use TRL's", "training.prefix_sharing"
+        )
+    if loss == "rlhf" and "logps" in recipe.objective.model_fields_set:
+        raise UserError("rlhf's KL (eq. 6) is over whole sequences: a sum, not set here", where="objective.logps")

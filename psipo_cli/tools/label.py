@@ -8,9 +8,15 @@ from pathlib import Path
 from psipo_cli.data.pairs import validated_rows
 from psipo_cli.errors import UserError
 from psipo_cli.models.loading import load_tokenizer, to_inference_device
-from psipo_cli.recipe.schema import Columns, DataSource, Recipe
-from psipo_cli.run.directory import require_trained, resolve_run, write_jsonl_atomic
-from psipo_cli.training.reward import load_reward_model, pair_ids, preference_probability, score_ids
+from psipo_cli.recipe.schema import Columns, DataSource
+from psipo_cli.run.directory import write_jsonl_atomic
+from psipo_cli.training.reward import (
+    load_reward_model,
+    pair_ids,
+    preference_probability,
+    resolve_reward_run,
+    score_ids,
+)
 
 
 @dataclass
@@ -21,19 +27,6 @@ class LabelReport:
     out: Path
     truncated: int  # pairs cut to data.max_length tokens before scoring, as in training
     max_length: int
-
-
-def resolve_reward_run(target: Path) -> tuple[Recipe, Path]:
-    """A trained reward-model run: a run directory, or a recipe whose output.dir is one."""
-    recipe, run_dir = resolve_run(target, finished=False)
-    if recipe.objective.loss != "reward":
-        raise UserError(
-            f"this run trained objective.loss={recipe.objective.loss}; labels need a reward model "
-            "(a recipe with objective.loss: reward)",
-            where=str(target),
-        )
-    require_trained(run_dir)
-    return recipe, run_dir
 
 
 def label_file(

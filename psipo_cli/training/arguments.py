@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -17,16 +18,16 @@ def trainer_arguments(config_class: type, recipe: Recipe, has_eval: bool, **stag
     `models.loading.disable_base_dropout` turns every other dropout off after the trainer is built.
     """
     training = recipe.training.model_dump(exclude={"eval_steps", "prefix_sharing"})  # psipo's own keys
+    if "max_length" in {f.name for f in dataclasses.fields(config_class)}:  # the sampling stages' is per response
+        training["max_length"] = recipe.data.max_length
     return config_class(
         output_dir=recipe.output.dir,
         deepspeed=deepspeed_config(recipe.distributed),
         report_to=[r for r in recipe.output.report_to if r != "none"] or "none",
-        max_length=recipe.data.max_length,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=recipe.training.eval_steps or recipe.training.logging_steps,
         save_strategy="steps",
         disable_dropout=False,
         use_cpu=not torch.cuda.is_available(),
-        **stage_specific,
-        **training,
+        **{**training, **stage_specific},  # a stage may say what a training key means for it (batch sizes)
     )

@@ -15,7 +15,6 @@ import transformers
 from accelerate import PartialState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from psipo_cli.data.pairs import load_pairs
 from psipo_cli.errors import RunInterrupted, UserError
 from psipo_cli.models.loading import describe_reference, load_tokenizer
 from psipo_cli.recipe.schema import Recipe
@@ -51,9 +50,10 @@ def prepare(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Pr
     """All user-facing checks that need no model weights: output dir, tokenizer, data (then the stage's own step)."""
     check_output_dir(Path(recipe.output.dir), overwrite, resume)
     tokenizer = load_tokenizer(recipe.model)
-    train = load_pairs(recipe.data.train, recipe.data, tokenizer, "train")
-    evaluation = load_pairs(recipe.data.eval, recipe.data, tokenizer, "eval") if recipe.data.eval else None
-    return stage_for(recipe.objective.loss).prepare(Prepared(recipe, tokenizer, train, evaluation))
+    stage = stage_for(recipe.objective.loss)
+    train = stage.load(recipe, tokenizer, "train")
+    evaluation = stage.load(recipe, tokenizer, "eval") if recipe.data.eval else None
+    return stage.prepare(Prepared(recipe, tokenizer, train, evaluation))
 
 
 def build_trainer(prepared: Prepared, model: Any = None) -> Any:

@@ -28,6 +28,7 @@ from psipo_cli.errors import UserError
 from psipo_cli.models.loading import disable_base_dropout, load_base_model, lora_config
 from psipo_cli.objectives import bradley_terry_loss
 from psipo_cli.recipe.schema import AdapterSection, Recipe
+from psipo_cli.run.directory import require_trained, resolve_run
 from psipo_cli.training.arguments import trainer_arguments
 from psipo_cli.training.distributed import prepare_zero3_init
 from psipo_cli.training.forward import per_pair_floats
@@ -116,6 +117,19 @@ def load_reward_base(recipe: Recipe) -> Any:
     """The base model with a fresh scalar head; the causal LM head it drops and the new head are expected."""
     with suppress_seqcls_warning():
         return load_base_model(recipe, AutoModelForSequenceClassification, num_labels=1)
+
+
+def resolve_reward_run(target: Path) -> tuple[Recipe, Path]:
+    """A trained reward-model run: a run directory, or a recipe whose output.dir is one."""
+    recipe, run_dir = resolve_run(target, finished=False)
+    if recipe.objective.loss != "reward":
+        raise UserError(
+            f"this run trained objective.loss={recipe.objective.loss}; labels need a reward model "
+            "(a recipe with objective.loss: reward)",
+            where=str(target),
+        )
+    require_trained(run_dir)
+    return recipe, run_dir
 
 
 def load_reward_model(recipe: Recipe, run_dir: Path, tokenizer: Any) -> PeftModel:

@@ -1,0 +1,112 @@
+"""What the sampling stages (rlhf, online_psipo) share: the reward model, the policy, and TRL's RLOO settings.
+
+Both build on TRL's RLOOTrainer, which samples `rollout.responses_per_prompt` responses per prompt from the
+current policy, scores them with reward functions and keeps the sampled batch for `rollout.iterations` passes.
+psipo's reward function is the trained Bradley–Terry model of a `psipo finetune` reward run, scoring exactly the
+tokens it was trained and labels on (`reward.reward_ids`: prompt + response text, EOS appended), not TRL's
+own reward-model path, which scores the text without the EOS whose position the scalar head was trained to read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import RLOOConfig
+
+from psipo_cli.data.chat import stop_token_ids
+from psipo_cli.errors import UserError
+from psipo_cli.models.loading import attach_adapter, load_base_model, load_tokenizer
+from psipo_cli.recipe.schema import Recipe
+from psipo_cli.training.arguments import trainer_arguments
+from psipo_cli.training.inputs import Prepared
+from psipo_cli.training.reward import load_reward_model, resolve_reward_run, reward_ids, score_ids
+
+
+def reward_run(recipe: Recipe, tokenizer: Any) -> tuple[Recipe, Path]:
+    """(recipe, directory) of the rollout's reward model, refused with one line unless it is a trained psipo reward
+    run on the policy's base model and tokenizer (the responses it scores are the policy's tokens, as text)."""
+    assert recipe.rollout is not None  # the schema requires it for the sampling stages
+    where = "rollout.reward_model"
+    try:
+        reward_recipe, run_dir = resolve_reward_run(Path(recipe.rollout.reward_model))
+    except UserError as err:
+        raise UserError(str(err), where=where) from None
+    ours, theirs = recipe.model, reward_recipe.model
+    if (ours.name_or_path, ours.revision) != (theirs.name_or_path, theirs.revision):
+        raise UserError(
+            f"the reward model was trained on {theirs.name_or_path}, the policy is {ours.name_or_path}; "
+            "sampling stages need one base model (and tokenizer) for both",
+            where=where,
+        )
+    reward_tokenizer = load_tokenizer(theirs)
+    same = (
+        reward_tokenizer.get_vocab() == tokenizer.get_vocab()
+        and reward_tokenizer.eos_token == tokenizer.eos_token
+        and getattr(reward_tokenizer, "chat_template", None) == getattr(tokenizer, "chat_template", None)
+    )
+    if not same:
+        raise UserError("the reward model's tokenizer differs from the policy's (vocabulary, EOS or template)", where)
+    return reward_recipe, run_dir
+
+
+def prepare_rollout(prepared: Prepared) -> Prepared:
+    """The sampling stages' data step: the reward run is checked here, before anything is loaded or written."""
+    reward_run(prepared.recipe, prepared.tokenizer)
+    return prepared
+
+
+class RewardModelScore:
+    """TRL reward function: r(x, y) of each sampled response from a psipo reward run, frozen, in eval mode."""
+
+    __name__ = "reward_model"  # TRL names the logged reward after it: rewards/reward_model/mean
+
+    def __init__(self, recipe: Recipe, tokenizer: Any, device: torch.device) -> None:
+        reward_recipe, run_dir = reward_run(recipe, tokenizer)
+        self.model = load_reward_model(reward_recipe, run_dir, tokenizer)
+        if reward_recipe.model.quantization == "none":  # bitsandbytes placed a quantised one while loading
+            self.model.to(device)
+        self.model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = reward_recipe.data.max_length  # what it was trained on; longer texts are cut as there
+
+    def __call__(self, prompts: list[str], completion_ids: list[list[int]], **_: Any) -> list[float]:
+        # The response as its tokens decode, special tokens kept: a chat response's end-of-turn marker is scored,
+        # as in the reward model's training pairs.
+        responses = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=False)
+        ids = [reward_ids(self.tokenizer, p, r, self.max_length)[0] for p, r in zip(prompts, responses, strict=True)]
+        return score_ids(self.model, self.tokenizer.pad_token_id, ids, batch_size=len(ids))
+
+    def scores(self, prompts: list[str], completion_ids: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(self(prompts, completion_ids))
+
+
+def rollout_arguments(recipe: Recipe, has_eval: bool, **stage_specific: Any) -> RLOOConfig:
+    """RLOOConfig from the recipe: batch sizes count prompts in the recipe, responses in TRL."""
+    rollout = recipe.rollout
+    assert rollout is not None
+    k = rollout.responses_per_prompt
+    return trainer_arguments(
+        RLOOConfig,
+        recipe,
+        has_eval,
+        num_generations=k,
+        max_completion_length=rollout.max_new_tokens,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        num_iterations=rollout.iterations,
+        per_device_train_batch_size=recipe.training.per_device_train_batch_size * k,
+        per_device_eval_batch_size=recipe.training.per_device_eval_batch_size * k,
+        **stage_specific,
+    )
+
+
+def load_rollout_policy(recipe: Recipe, tokenizer: Any, model: Any = None) -> tuple[Any, Any]:
+    """(model, LoRA config or None): the recipe's, loaded as the preference stages load it, unless `model` is given;
+    either way sampling stops where a response ends, at EOS and at the chat template's end-of-turn token."""
+    peft_config = None
+    if model is None:
+        model, peft_config = attach_adapter(load_base_model(recipe), recipe.adapter)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    return model, peft_config
