@@ -119,3 +119,23 @@ def assert_clean_error(result: CliResult, *fragments: str) -> None:
     assert "Traceback" not in result.err
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope="session")
+def reward_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained tiny reward-model run (a few steps: the sampling stages need its scores, not its accuracy)."""
+    tmp = tmp_path_factory.mktemp("reward-run")
+    sections = {"objective": {"loss": "reward"}, "training": {"max_steps": 20, "per_device_train_batch_size": 16}}
+    path = tmp / "reward.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp / "reward", **sections)), encoding="utf-8")
+    assert run_psipo("finetune", path) == 0
+    return tmp / "reward"
+
+
+def rollout_sections(reward_dir: Path, loss: str = "rlhf", **rollout: Any) -> dict[str, Any]:
+    """Recipe sections of a short sampling run (rlhf or online_psipo) against `reward_dir`."""
+    return {
+        "objective": {"loss": loss, "tau": 0.1},
+        "rollout": {"reward_model": str(reward_dir), "max_new_tokens": 8, **rollout},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1},
+    }

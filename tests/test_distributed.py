@@ -24,7 +24,7 @@ from psipo_cli.recipe.loader import load_recipe
 from psipo_cli.run.directory import read_metrics
 from psipo_cli.training.distributed import deepspeed_config, launch_command
 from psipo_cli.training.finetune import run
-from tests.conftest import REPO, TINY_MODEL, tiny_recipe
+from tests.conftest import REPO, TINY_MODEL, rollout_sections, tiny_recipe
 
 STEPS = 4
 CASES = {
@@ -87,6 +87,27 @@ def test_two_processes_match_one_with_the_same_global_batch(case: str, single: P
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-3, rtol=0)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize(("loss", "strategy"), [("rlhf", "zero2"), ("online_psipo", "zero3")])
+def test_sampling_stages_run_under_deepspeed(loss: str, strategy: str, tmp_path: Path, reward_run: Path) -> None:
+    """Two processes sample, score and train: each process's responses stay with their prompt (TRL's sampler),
+    rewards are gathered across processes, and the saved adapter is whole. Samples differ from a one-process run
+    (each process draws its own), so this checks the run and its logged quantities, not equality."""
+    path = tmp_path / f"{loss}.yaml"
+    sections = rollout_sections(reward_run, loss)
+    sections["training"] = {**sections["training"], "max_steps": 3, "per_device_train_batch_size": 2}
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path / loss, **sections)), encoding="utf-8")
+    command = [sys.executable, "-m", "psipo_cli", "launch", str(path), "-n", "2", f"distributed.strategy={strategy}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("psipo run finished") == 1, "only the main process reports"
+    train = [m for m in read_metrics(tmp_path / loss) if m["split"] == "train"]
+    assert [m["step"] for m in train] == [1, 2, 3]
+    assert train[0]["kl_sequence"] == pytest.approx(0.0, abs=1e-5) and train[-1]["kl_sequence"] != 0.0
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), str(tmp_path / loss))
 
 
 def test_launch_dry_run_prints_the_accelerate_command(cli, write_recipe) -> None:

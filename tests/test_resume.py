@@ -18,7 +18,15 @@ from safetensors.torch import load_file
 
 from psipo_cli.run.checkpoints import COMPLETE_MARK, checkpoints
 from psipo_cli.run.directory import read_metrics
-from tests.conftest import REPO, TINY_DATA, TINY_MODEL, assert_clean_error, run_psipo, tiny_recipe
+from tests.conftest import (
+    REPO,
+    TINY_DATA,
+    TINY_MODEL,
+    assert_clean_error,
+    rollout_sections,
+    run_psipo,
+    tiny_recipe,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +118,34 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(straight: Path, tmp_pat
     resumed_adapter, reference_adapter = _adapter(run_dir), _adapter(straight)
     max_diff = max((resumed_adapter[k] - reference_adapter[k]).abs().max().item() for k in reference_adapter)
     assert max_diff <= 1e-6, max_diff
+
+
+RL_STEPS, RL_SAVE = 8, 3
+
+
+@pytest.mark.parametrize("loss", ["rlhf", "online_psipo"])
+def test_a_sampling_run_killed_and_resumed_equals_an_uninterrupted_one(
+    tmp_path: Path, reward_run: Path, loss: str
+) -> None:
+    """The samples after resume are the ones the uninterrupted run drew: RNG, data position and optimizer restored."""
+    sections = rollout_sections(reward_run, loss, iterations=2)
+    sections["training"] = {**sections["training"], "max_steps": RL_STEPS, "save_steps": RL_SAVE}
+    straight, killed = (_recipe(tmp_path, name, **sections, data={}) for name in ("straight", "killed"))
+    assert _finish(_psipo(straight))[0] == 0
+    proc = _psipo(killed)
+    _wait_for(tmp_path / "killed" / f"checkpoint-{RL_SAVE}" / COMPLETE_MARK, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    code, _, err = _finish(_psipo(killed, "--resume"))
+    assert code == 0, err
+    resumed, reference = read_metrics(tmp_path / "killed"), read_metrics(tmp_path / "straight")
+    assert [m["step"] for m in resumed] == [m["step"] for m in reference] == list(range(1, RL_STEPS + 1))
+    for ours, theirs in zip(resumed, reference, strict=True):
+        assert ours.keys() == theirs.keys()  # sampled at the same steps (rollout.iterations 2: every other one)
+        for key in ("loss", "reward", "kl_sequence", "completions/mean_length", "grad_norm"):
+            if key in theirs:
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (ours["step"], key)
 
 
 def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:

@@ -133,9 +133,7 @@ def test_label_refuses_a_run_that_is_not_a_reward_model(write_recipe, cli, tmp_p
     recipe = write_recipe()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "recipe.yaml").write_text(recipe.read_text())
-    assert_clean_error(
-        cli("label", tmp_path / "run", EVAL, "--out", tmp_path / "x.jsonl"), "labels need a reward model"
-    )
+    assert_clean_error(cli("label", tmp_path / "run", EVAL, "--out", tmp_path / "x.jsonl"), "not a reward model")
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ def describe_objective(objective: ObjectiveSection) -> str:
             "a scalar head on the base model; its p̂ = σ(r_w − r_l) labels pairs for ΨPO (`psipo label`)."
         )
     aggregation = {"mean": "token mean", "sum": "sum"}.get(objective.logps or "", str(objective.logps))
-    loss = _LOSS_TEXT[objective.loss].format(target=1 / (2 * objective.tau), psi=objective.psi)
+    loss = _LOSS_TEXT.get(objective.loss, "{psi}").format(target=1 / (2 * objective.tau), psi=objective.psi)
     return (
         f"{loss}; τ = {objective.tau:g}. Here h = log[π(y_w) π_ref(y_l) / (π(y_l) π_ref(y_w))] is the log-ratio "
         f"margin of a pair (chosen y_w, rejected y_l) against the reference policy π_ref, with each sequence's "

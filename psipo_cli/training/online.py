@@ -27,7 +27,7 @@ from psipo_cli.recipe.schema import ObjectiveSection, RolloutSection
 from psipo_cli.training.distributed import prepare_zero3_init
 from psipo_cli.training.inputs import Prepared
 from psipo_cli.training.mixture import MixtureSampling
-from psipo_cli.training.rollout import RewardModelScore, load_rollout_policy, rollout_arguments
+from psipo_cli.training.rollout import ResumableSamples, RewardModelScore, load_rollout_policy, rollout_arguments
 
 
 def _pairs(t: Tensor) -> Tensor:
@@ -35,7 +35,7 @@ def _pairs(t: Tensor) -> Tensor:
     return t.view(-1, 2, *t.shape[1:])
 
 
-class OnlinePsipoTrainer(MixtureSampling, RLOOTrainer):
+class OnlinePsipoTrainer(MixtureSampling, ResumableSamples, RLOOTrainer):
     """Samples two responses per prompt, labels them with the reward model, and trains on `objectives.pair_losses`."""
 
     _tag_names: ClassVar[list[str]] = ["trl", "online-psipo", "psipo"]

@@ -124,7 +124,7 @@ def resolve_reward_run(target: Path) -> tuple[Recipe, Path]:
     recipe, run_dir = resolve_run(target, finished=False)
     if recipe.objective.loss != "reward":
         raise UserError(
-            f"this run trained objective.loss={recipe.objective.loss}; labels need a reward model "
+            f"this run trained objective.loss={recipe.objective.loss}, not a reward model "
             "(a recipe with objective.loss: reward)",
             where=str(target),
         )

@@ -19,10 +19,10 @@ from trl import RLOOTrainer
 from psipo_cli.models.loading import disable_base_dropout
 from psipo_cli.training.distributed import prepare_zero3_init
 from psipo_cli.training.inputs import Prepared
-from psipo_cli.training.rollout import RewardModelScore, load_rollout_policy, rollout_arguments
+from psipo_cli.training.rollout import ResumableSamples, RewardModelScore, load_rollout_policy, rollout_arguments
 
 
-class RlhfTrainer(RLOOTrainer):
+class RlhfTrainer(ResumableSamples, RLOOTrainer):
     """TRL's RLOOTrainer, also logging the KL of eq. 6 itself: per sequence, not TRL's per-token mean."""
 
     _tag_names: ClassVar[list[str]] = ["trl", "rloo", "psipo"]

@@ -33,21 +33,21 @@ def reward_run(recipe: Recipe, tokenizer: Any) -> tuple[Recipe, Path]:
         reward_recipe, run_dir = resolve_reward_run(Path(recipe.rollout.reward_model))
     except UserError as err:
         raise UserError(str(err), where=where) from None
-    ours, theirs = recipe.model, reward_recipe.model
-    if (ours.name_or_path, ours.revision) != (theirs.name_or_path, theirs.revision):
-        raise UserError(
-            f"the reward model was trained on {theirs.name_or_path}, the policy is {ours.name_or_path}; "
-            "sampling stages need one base model (and tokenizer) for both",
-            where=where,
-        )
+    theirs = reward_recipe.model
     reward_tokenizer = load_tokenizer(theirs)
     same = (
         reward_tokenizer.get_vocab() == tokenizer.get_vocab()
         and reward_tokenizer.eos_token == tokenizer.eos_token
         and getattr(reward_tokenizer, "chat_template", None) == getattr(tokenizer, "chat_template", None)
     )
-    if not same:
+    if not same:  # TRL's sampler hands the reward function the policy's tokens
         raise UserError("the reward model's tokenizer differs from the policy's (vocabulary, EOS or template)", where)
+    if (recipe.model.name_or_path, recipe.model.revision) != (theirs.name_or_path, theirs.revision):
+        raise UserError(
+            f"the reward model was trained on {theirs.name_or_path}, the policy is {recipe.model.name_or_path}; "
+            "the sampling stages take one base model for both",
+            where=where,
+        )
     return reward_recipe, run_dir
 
 
@@ -80,6 +80,34 @@ class RewardModelScore:
 
     def scores(self, prompts: list[str], completion_ids: list[list[int]]) -> torch.Tensor:
         return torch.tensor(self(prompts, completion_ids))
+
+
+class ResumableSamples:
+    """Mixin for TRL's RLOOTrainer: a checkpoint keeps the batch of samples still in use, so a resumed run trains
+    on exactly what an uninterrupted one would.
+
+    With rollout.iterations > 1 (or gradient accumulation) one batch of samples serves several steps. RLOOTrainer
+    holds it in memory only, with a micro-step counter starting at 0, so a run resumed from a checkpoint inside
+    such a block samples afresh where the uninterrupted run reused its batch. The batch and the counter are saved
+    beside each process's RNG state and restored with it (both per process: each holds its own samples).
+    """
+
+    accelerator: Any
+    _buffered_inputs: Any
+    _step: int
+
+    def _samples_file(self, checkpoint: str) -> Path:
+        return Path(checkpoint) / f"samples_{self.accelerator.process_index}.pt"
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)  # type: ignore[misc]
+        torch.save({"step": self._step, "batch": self._buffered_inputs}, self._samples_file(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)  # type: ignore[misc]
+        if checkpoint is not None and self._samples_file(checkpoint).is_file():
+            saved = torch.load(self._samples_file(checkpoint), weights_only=True, map_location=self.accelerator.device)
+            self._step, self._buffered_inputs = saved["step"], saved["batch"]
 
 
 def rollout_arguments(recipe: Recipe, has_eval: bool, **stage_specific: Any) -> RLOOConfig:
