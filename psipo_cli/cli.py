@@ -290,24 +290,40 @@ def label(
 @app.command()
 def bandit(
     actions: Annotated[str, typer.Option(help="Action names, e.g. a,b,c.", show_default=False)],
-    pairs: Annotated[str, typer.Option(help="Preferences 'a>b,b>c:0.8': winner>loser[:p̂]; may repeat.")],
-    loss: Annotated[list[str], typer.Option(help="ipo, dpo or psipo; repeat for several.")] = ("ipo", "dpo"),
+    pairs: Annotated[
+        str,
+        typer.Option(
+            help="Preferences 'a>b,b>c:0.8': winner>loser[:p̂]; may repeat. Online losses read them as the "
+            "preference model P(a ≻ b), each pair once, unlisted pairs ½."
+        ),
+    ],
+    loss: Annotated[
+        list[str],
+        typer.Option(
+            help="ipo, dpo, psipo, or online-ipo, online-psipo (pairs drawn from the policy and labelled by "
+            "--pairs); repeat for several."
+        ),
+    ] = ("ipo", "dpo"),
     tau: Annotated[list[float], typer.Option(help="Regularisation τ > 0; repeat for several.")] = (0.1, 0.5, 1.0),
-    psi: Annotated[str, typer.Option(help="Ψ of --loss psipo: identity or logit.")] = "identity",
+    psi: Annotated[str, typer.Option(help="Ψ of --loss psipo and online-psipo: identity or logit.")] = "identity",
+    mixture: Annotated[
+        float,
+        typer.Option(help="β of online losses: draw pairs from π^(1−β)·π_ref^β, normalised (IPO-MD); 0 is online IPO."),
+    ] = 0.0,
     steps: Annotated[int, typer.Option(help="Adam steps.")] = 18_000,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 0.01,
-    batch: Annotated[int, typer.Option(help="Pairs per step, drawn with replacement.")] = 9,
+    batch: Annotated[int, typer.Option(help="Pairs per step, drawn with replacement (online: from the policy).")] = 9,
     seeds: Annotated[int, typer.Option(help="Independent runs per (loss, τ).")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the first run's random stream.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of the table.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write learning curves to this .png.", show_default=False)] = None,
 ) -> None:
-    """Train the paper's tabular bandit examples and compare with the closed-form optimum."""
+    """Train the paper's tabular bandit examples, offline or online, and compare with the closed-form optimum."""
     from psipo_cli.paper.bandit_report import check_plot_path, print_table, run_bandit, save_plot, to_json
 
     if plot is not None:
         check_plot_path(plot)
-    report = run_bandit(actions, pairs, loss, tau, psi, steps, lr, batch, seeds, seed)
+    report = run_bandit(actions, pairs, loss, tau, psi, steps, lr, batch, seeds, seed, mixture)
     if plot is not None:
         save_plot(report, plot)
     if as_json:

@@ -6,11 +6,14 @@ replacement, 10 seeds. Losses come only from `objectives.margin` and `objectives
 
 `closed_form` gives the optimum the training should reach: with tabular logits s and a uniform
 reference, h(y_w, y_l) = s_w − s_l, so the sampled IPO/ΨPO loss is least squares on the comparison graph.
+`optimise` is the Adam loop; `bandit_online` runs it on pairs drawn from the policy instead of a dataset.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +87,16 @@ class BanditRun:
     curve_steps: list[int]  # 0, record_every, 2·record_every, ..., steps
 
 
+def check_settings(objective: str, taus: list[float], psi: str) -> None:
+    """The checks every bandit run shares, offline or online: τ range, objective and Ψ names."""
+    if not taus or not all(0 < tau < math.inf for tau in taus):
+        raise UserError(f"every tau must be in (0, inf), got {taus}", where="tau")
+    if objective not in objectives.OBJECTIVES:
+        raise UserError(f"unknown objective {objective!r}; valid: {', '.join(objectives.OBJECTIVES)}")
+    if psi not in objectives.PSI:
+        raise UserError(f"unknown psi {psi!r}; valid: {', '.join(objectives.PSI)}")
+
+
 def _check(n_actions: int, pairs: list[Pair], objective: str, taus: list[float], psi: str) -> None:
     if n_actions < 2:
         raise UserError(f"need at least two actions, got {n_actions}", where="actions")
@@ -94,12 +107,35 @@ def _check(n_actions: int, pairs: list[Pair], objective: str, taus: list[float],
             raise UserError(f"{pair} does not name two different actions of {n_actions}", where="pairs")
         if not 0 <= pair.p_hat <= 1:
             raise UserError(f"{pair} has a label outside [0, 1]", where="pairs")
-    if not taus or not all(0 < tau < math.inf for tau in taus):
-        raise UserError(f"every tau must be in (0, inf), got {taus}", where="tau")
-    if objective not in objectives.OBJECTIVES:
-        raise UserError(f"unknown objective {objective!r}; valid: {', '.join(objectives.OBJECTIVES)}")
-    if psi not in objectives.PSI:
-        raise UserError(f"unknown psi {psi!r}; valid: {', '.join(objectives.PSI)}")
+    check_settings(objective, taus, psi)
+
+
+def check_optimiser(steps: int, lr: float, batch: int, seeds: int, record_every: int) -> None:
+    for name, value in (("steps", steps), ("batch", batch), ("seeds", seeds), ("record_every", record_every)):
+        if value < 1:
+            raise UserError(f"must be at least 1, got {value}", where=name)
+    if not lr > 0:
+        raise UserError(f"must be positive, got {lr}", where="lr")
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch single-threaded inside, restoring the setting after.
+
+    The tensors are tiny (T·S·A numbers): intra-op threads only add synchronisation, and on a busy 2-core
+    machine they made each step ~30x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# Draws one mini-batch per (τ, seed): given the current logits (T, S, A), detached, and the run's generator,
+# returns chosen and rejected action ids (T, S, batch) and p̂ = P(chosen ≻ rejected) (T, S, batch).
+PairSampler = Callable[[Tensor, torch.Generator], tuple[Tensor, Tensor, Tensor]]
 
 
 def train_bandit(
@@ -124,57 +160,57 @@ def train_bandit(
     probability p̂ and l ≻ w otherwise (an annotator's vote), whose expectation is the identity-Ψ target.
     """
     _check(n_actions, pairs, objective, taus, psi)
-    for name, value in (("steps", steps), ("batch", batch), ("seeds", seeds), ("record_every", record_every)):
-        if value < 1:
-            raise UserError(f"must be at least 1, got {value}", where=name)
-    if not lr > 0:
-        raise UserError(f"must be positive, got {lr}", where="lr")
-    threads = torch.get_num_threads()
-    # The tensors are tiny (T·S·A numbers): intra-op threads only add synchronisation, and on a busy
-    # 2-core machine they made each step ~30x slower. Run single-threaded, restore the setting after.
-    torch.set_num_threads(1)
-    try:
-        return _train(n_actions, pairs, objective, taus, psi, steps, lr, batch, seeds, seed, record_every, label_eps)
-    finally:
-        torch.set_num_threads(threads)
+    check_optimiser(steps, lr, batch, seeds, record_every)
+    winners = torch.tensor([pair.winner for pair in pairs])  # (P,)
+    losers = torch.tensor([pair.loser for pair in pairs])  # (P,)
+    p_hats = torch.tensor([pair.p_hat for pair in pairs])  # (P,)
+
+    def sample(logits: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        idx = torch.randint(len(pairs), (*logits.shape[:2], batch), generator=generator)  # (T, S, batch)
+        return winners[idx], losers[idx], p_hats[idx]
+
+    # Draw votes only when some label is soft, so hard-label runs of every objective share one RNG stream.
+    vote = not objectives.OBJECTIVES[objective].uses_p_hat and bool((p_hats < 1).any())
+    with single_thread():
+        return optimise(n_actions, sample, vote, objective, taus, psi, steps, lr, seeds, seed, record_every, label_eps)
 
 
-def _train(
+def optimise(
     n_actions: int,
-    pairs: list[Pair],
+    sample: PairSampler,
+    vote: bool,
     objective: str,
     taus: list[float],
     psi: str,
     steps: int,
     lr: float,
-    batch: int,
     seeds: int,
     seed: int,
     record_every: int,
     label_eps: float,
 ) -> BanditRun:
+    """The Adam loop shared by the offline (`train_bandit`) and online (`bandit_online`) bandits.
+
+    `sample` draws each step's pairs; with `vote`, a pair is presented as chosen ≻ rejected with probability
+    p̂ and swapped otherwise (for objectives that ignore soft labels). π_ref is uniform, so the margin's
+    reference terms are the same constant log(1/A) for every action.
+    """
     generator = torch.Generator().manual_seed(seed)
-    winners = torch.tensor([pair.winner for pair in pairs])  # (P,)
-    losers = torch.tensor([pair.loser for pair in pairs])  # (P,)
-    p_hats = torch.tensor([pair.p_hat for pair in pairs])  # (P,)
     uses_p_hat = objectives.OBJECTIVES[objective].uses_p_hat
-    # Draw votes only when some label is soft, so hard-label runs of every objective share one RNG stream.
-    vote = not uses_p_hat and bool((p_hats < 1).any())
     tau = torch.tensor(taus).view(-1, 1, 1)  # (T, 1, 1), broadcasts over seeds and batch
     ref_logp = torch.tensor(-math.log(n_actions))  # log π_ref(y) = log(1/A) for every action
     logits = torch.zeros(len(taus), seeds, n_actions, requires_grad=True)  # (T, S, A)
     optimizer = torch.optim.Adam([logits], lr=lr, fused=True)  # fused: fewer ops per step
     curves, curve_steps = [F.softmax(logits.detach(), -1)], [0]
     for step in range(1, steps + 1):
-        idx = torch.randint(len(pairs), (len(taus), seeds, batch), generator=generator)  # (T, S, batch)
-        chosen, rejected = winners[idx], losers[idx]  # (T, S, batch) action ids
+        chosen, rejected, p_hat = sample(logits.detach(), generator)  # (T, S, batch) each
         if vote:
-            flip = torch.rand(idx.shape, generator=generator) >= p_hats[idx]  # (T, S, batch)
+            flip = torch.rand(chosen.shape, generator=generator) >= p_hat  # (T, S, batch)
             chosen, rejected = torch.where(flip, rejected, chosen), torch.where(flip, chosen, rejected)
         logps = F.log_softmax(logits, -1)  # (T, S, A)
         h = objectives.margin(logps.gather(-1, chosen), logps.gather(-1, rejected), ref_logp, ref_logp)
         losses, _ = objectives.pair_losses(
-            objective, h, tau, p_hats[idx] if uses_p_hat else None, psi, label_eps
+            objective, h, tau, p_hat if uses_p_hat else None, psi, label_eps
         )  # (T, S, batch)
         optimizer.zero_grad(set_to_none=True)
         losses.mean(-1).sum().backward()  # (T, S) -> (); independent gradient per (τ, seed)

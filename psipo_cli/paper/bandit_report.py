@@ -1,7 +1,9 @@
 """`psipo bandit`: run the paper's tabular examples for several (loss, τ) and report them as a table, JSON or plot.
 
-Training and closed forms come from `bandit` (which takes its losses from `objectives`); this module only
-validates the command's flags, calls `train_bandit` once per loss (vectorised over τ and seeds), and formats.
+Training and closed forms come from `bandit` and `bandit_online` (which take their losses from `objectives`); this
+module only validates the command's flags, calls `train_bandit` or `train_online` once per loss (vectorised over τ
+and seeds), and formats. An `online-` loss reads --pairs as a preference matrix and samples its pairs from the
+policy (Calandriello et al. 2024); its closed form is the online fixed point, the Nash equilibrium for β = 0.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ from torch import Tensor
 from psipo_cli import objectives
 from psipo_cli.errors import UserError
 from psipo_cli.paper.bandit import Pair, closed_form, parse_actions, parse_pairs, summarize, train_bandit
+from psipo_cli.paper.bandit_online import ONLINE_OBJECTIVES, online_fixed_point, parse_preferences, train_online
 
 CURVE_POINTS = 180  # recorded steps per curve: every 100th step at the paper's 18,000
 # IPO is ΨPO with identity Ψ and DPO's Ψ is implicitly the logit: `--psi` only changes ΨPO rows.
 FIXED_PSI = {"ipo": "identity", "dpo": "logit"}
+ONLINE = "online-"  # prefix of a loss trained on pairs drawn from the policy: online-ipo, online-psipo
+LOSSES = (*objectives.OBJECTIVES, *(ONLINE + name for name in ONLINE_OBJECTIVES))
+ONLINE_CAPTION = "; online: its fixed point π ∝ π_ref·exp(P(·≻π_β)/τ) (identity Ψ), the Nash equilibrium for β = 0."
 
 
 @dataclass
@@ -42,6 +48,7 @@ class BanditResult:
     curve_mean: Tensor  # (K, A)
     curve_low: Tensor  # (K, A)
     curve_high: Tensor  # (K, A)
+    mixture: float = 0.0  # β of an online loss's sampling policy π^(1−β)·π_ref^β
 
     @property
     def gap(self) -> float | None:
@@ -50,7 +57,12 @@ class BanditResult:
 
     @property
     def name(self) -> str:
-        return f"ΨPO ({self.psi})" if self.loss == "psipo" else self.loss.upper()
+        objective = self.loss.removeprefix(ONLINE)
+        if objective == self.loss:
+            return f"ΨPO ({self.psi})" if objective == "psipo" else objective.upper()
+        if not self.mixture:
+            return f"online ΨPO ({self.psi})" if objective == "psipo" else "online IPO"
+        return f"ΨPO-MD ({self.psi}, β={self.mixture:g})" if objective == "psipo" else f"IPO-MD (β={self.mixture:g})"
 
     @property
     def title(self) -> str:
@@ -61,6 +73,7 @@ class BanditResult:
 class BanditReport:
     actions: list[str]
     pairs: list[Pair]
+    preference: Tensor | None  # (A, A) P(i ≻ j) read from the pairs, when an online loss ran
     settings: dict[str, Any]
     curve_steps: list[int]
     results: list[BanditResult]
@@ -71,11 +84,15 @@ def _unique(values: list[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
-def _check_flags(losses: list[str], taus: list[float], psi: str) -> None:
+def _check_flags(losses: list[str], taus: list[float], psi: str, mixture: float) -> None:
     """What `train_bandit` would only find after training the earlier losses, or report less precisely."""
     for loss in losses:
-        if loss not in objectives.OBJECTIVES:
-            raise UserError(f"unknown loss {loss!r}; valid: {', '.join(objectives.OBJECTIVES)}", where="loss")
+        if loss not in LOSSES:
+            raise UserError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}", where="loss")
+    if not 0 <= mixture <= 1:
+        raise UserError(f"must be in [0, 1], got {mixture:g}", where="mixture")
+    if mixture and not any(loss.startswith(ONLINE) for loss in losses):
+        raise UserError("only online losses sample from a mixture: add --loss online-ipo", where="mixture")
     if psi not in objectives.PSI:
         raise UserError(f"unknown psi {psi!r}; valid: {', '.join(objectives.PSI)}", where="psi")
     for tau in taus:
@@ -104,38 +121,55 @@ def run_bandit(
     batch: int,
     seeds: int,
     seed: int,
+    mixture: float = 0.0,
 ) -> BanditReport:
-    """Parse the specs, train every (loss, τ, seed) from π_ref, and pair each result with its closed form."""
+    """Parse the specs, train every (loss, τ, seed) from π_ref, and pair each result with its closed form.
+
+    Offline losses train on the listed pairs as a dataset; `online-` losses read them as a preference matrix
+    (each pair once, see `parse_preferences`) and draw their pairs from π_β ∝ π^(1−β)·π_ref^β, β = `mixture`.
+    """
     names = parse_actions(actions)
     parsed = parse_pairs(pairs, names)
     losses, taus = _unique(list(losses)), _unique([float(tau) for tau in taus])
-    _check_flags(losses, taus, psi)
+    _check_flags(losses, taus, psi, mixture)
+    online = any(loss.startswith(ONLINE) for loss in losses)
+    preference = parse_preferences(pairs, names) if online else None
     optimiser = dict(steps=steps, lr=lr, batch=batch, seeds=seeds, seed=seed)
+    record_every = max(1, steps // CURVE_POINTS)
     start = time.perf_counter()
     results, curve_steps = [], []
     for loss in losses:
-        run = train_bandit(
-            len(names), parsed, loss, taus, psi=psi, record_every=max(1, steps // CURVE_POINTS), **optimiser
-        )
+        objective = loss.removeprefix(ONLINE)
+        loss_psi = FIXED_PSI.get(objective, psi)
+        if preference is not None and objective != loss:
+            # closed forms first: one that cannot be computed (τ far too small) fails before any training
+            closed = [online_fixed_point(preference, tau, psi=loss_psi, mixture=mixture) for tau in taus]
+            run = train_online(
+                preference, objective, taus, psi=psi, mixture=mixture, record_every=record_every, **optimiser
+            )
+        else:
+            run = train_bandit(len(names), parsed, loss, taus, psi=psi, record_every=record_every, **optimiser)
+            closed = [closed_form(len(names), parsed, loss, tau, psi=psi) for tau in taus]
         summary, curve_steps = summarize(run), run.curve_steps
         for i, tau in enumerate(taus):
             results.append(
                 BanditResult(
                     loss,
                     tau,
-                    FIXED_PSI.get(loss, psi),
+                    loss_psi,
                     summary.mean[i],
                     summary.low[i],
                     summary.high[i],
-                    closed_form(len(names), parsed, loss, tau, psi=psi),
+                    closed[i],
                     summary.curve_mean[:, i],
                     summary.curve_low[:, i],
                     summary.curve_high[:, i],
+                    mixture if objective != loss else 0.0,
                 )
             )
     seconds = time.perf_counter() - start
-    settings = dict(losses=losses, taus=taus, psi=psi, **optimiser)
-    return BanditReport(names, parsed, settings, curve_steps, results, seconds)
+    settings = dict(losses=losses, taus=taus, psi=psi, mixture=mixture, **optimiser)
+    return BanditReport(names, parsed, preference, settings, curve_steps, results, seconds)
 
 
 def _by_action(actions: list[str], values: Tensor) -> dict[str, float]:
@@ -159,16 +193,20 @@ def to_json(report: BanditReport) -> str:
     ]
     pairs = [{"winner": names[p.winner], "loser": names[p.loser], "p_hat": p.p_hat} for p in report.pairs]
     settings = {"actions": names, "pairs": pairs, **report.settings, "interval": "95%, normal approx., seed mean"}
+    if report.preference is not None:  # P(row ≻ column), unlisted pairs ½
+        rows = zip(names, report.preference, strict=True)
+        settings["preference"] = {name: _by_action(names, row) for name, row in rows}
     return json.dumps({"results": results, "settings": settings}, indent=2)
 
 
 def _table(report: BanditReport) -> Table:
     s = report.settings
+    online = report.preference is not None
     seeds = f"{s['seeds']} seed{'s' if s['seeds'] > 1 else ''} (from seed {s['seed']})"
     table = Table(
         title=f"psipo bandit: {s['steps']} steps, lr {s['lr']:g}, batch {s['batch']}, {seeds}, {report.seconds:.1f} s",
         caption="π: seed mean [95% interval of that mean]. closed form: optimum of the expected loss, "
-        "— where infinite (DPO, hard labels).",
+        "— where infinite (DPO, hard labels)" + (ONLINE_CAPTION if online else "."),
     )
     table.add_column("objective")
     table.add_column("τ", justify="right")
