@@ -47,6 +47,7 @@ class Hook:
 
 DPO = "trl.trainer.dpo_trainer.DPOTrainer"
 REWARD = "trl.trainer.reward_trainer.RewardTrainer"
+RLOO = "trl.trainer.rloo_trainer.RLOOTrainer"
 
 HOOKS: tuple[Hook, ...] = (
     Hook(
@@ -229,6 +230,103 @@ HOOKS: tuple[Hook, ...] = (
         "private method",
     ),
     Hook(
+        RLOO + "._generate_and_score_completions",
+        "self, inputs",
+        "parameters",
+        "training/rlhf.py, training/online.py",
+        "extended: rlhf logs the sequence KL; online_psipo turns the sampled responses into labelled pairs with "
+        "their reference log-probs, the batch its own loss step reads",
+        "TRL has no hook between sampling and the loss step",
+    ),
+    Hook(
+        RLOO + "._generate_and_score_completions",
+        "old_logps",
+        "names",
+        "training/online.py",
+        "the sampled responses' policy log-probs at sampling time: each sample's KL estimate",
+        "a key of the private batch dict",
+    ),
+    Hook(
+        RLOO + "._compute_loss",
+        "self, model, inputs",
+        "parameters",
+        "training/online.py",
+        "replaced by the ΨPO loss step on pairs (objectives.pair_losses)",
+        "the public compute_loss only forwards to it",
+    ),
+    Hook(
+        RLOO + "._calculate_rewards",
+        "self, inputs, prompts, completions, completion_ids_list",
+        "parameters",
+        "training/online.py",
+        "the raw reward of every process's samples, kept to label pairs",
+        "RLOO folds rewards into advantages without returning them",
+    ),
+    Hook(
+        RLOO + "._get_per_token_logps_and_entropies",
+        "self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss",
+        "parameters",
+        "training/online.py",
+        "per-token log-probs (policy and reference) through TRL's fused head, as RLOO computes its own",
+        "private method",
+    ),
+    Hook(
+        RLOO + "._generate_single_turn",
+        "self, prompt_ids, images, multimodal_fields",
+        "parameters",
+        "training/mixture.py",
+        "replaced when sampling from the IPO-MD mixture (a logits processor needs its own generate call)",
+        "TRL takes no logits processors",
+    ),
+    Hook(
+        RLOO + "._prepare_inputs",
+        "_buffered_inputs",
+        "names",
+        "training/rollout.py",
+        "the batch of samples still in use is saved with a checkpoint and restored on resume",
+        "RLOO keeps it in memory only",
+    ),
+    Hook(
+        RLOO + "._prepare_inputs",
+        "_step",
+        "names",
+        "training/rollout.py",
+        "the micro-step counter deciding when to sample again, saved and restored with the batch",
+        "private counter, reset to 0 on resume",
+    ),
+    Hook(
+        RLOO + "._generate_and_score_completions",
+        "_metrics",
+        "names",
+        "training/rlhf.py, training/online.py",
+        "per-batch values (kl_sequence, p_hat, margin) averaged into each log like TRL's own",
+        "TRL's metric store; log_metric only averages scalars per call",
+    ),
+    Hook(
+        "transformers.Trainer._save_rng_state",
+        "self, output_dir",
+        "parameters",
+        "training/rollout.py",
+        "extended to save the batch of samples in use beside each process's RNG state",
+        "the only per-process step of checkpoint saving; callbacks run on the main process's schedule",
+    ),
+    Hook(
+        "transformers.Trainer._load_rng_state",
+        "self, checkpoint",
+        "parameters",
+        "training/rollout.py",
+        "extended to restore that batch when the RNG state is restored",
+        "called at the point of resume where restored state takes effect",
+    ),
+    Hook(
+        "trl.models.utils.unwrap_model_for_generation",
+        "model, accelerator, gather_deepspeed3_params, generation_kwargs, gradient_checkpointing_kwargs",
+        "parameters",
+        "training/mixture.py",
+        "the model gathered (ZeRO-3) and unwrapped for the mixture's generate call, as RLOO's own",
+        "exported but undocumented",
+    ),
+    Hook(
         "transformers.PretrainedConfig",
         "_attn_implementation",
         "attribute",
@@ -276,7 +374,9 @@ def code_names(obj: Any) -> set[str]:
     """Attribute and global names, and string constants, in the code of `obj` and its nested functions."""
     found: set[str] = set()
     for code in _all_code(_code(obj)):
-        found |= set(code.co_names) | {const for const in code.co_consts if isinstance(const, str)}
+        # A dict display's keys are one tuple constant: {"old_logps": ...} names "old_logps" too.
+        consts = [c for const in code.co_consts for c in (const if isinstance(const, tuple) else (const,))]
+        found |= set(code.co_names) | {const for const in consts if isinstance(const, str)}
     return found
 
 
