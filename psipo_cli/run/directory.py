@@ -16,11 +16,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import yaml
 from transformers import TrainerCallback
 
 from psipo_cli.errors import UserError
 from psipo_cli.recipe.loader import dump_recipe
-from psipo_cli.recipe.schema import Recipe
+from psipo_cli.recipe.schema import ONLINE_ONLY, RLHF_ONLY, SAMPLING_LOSSES, Recipe
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -106,7 +107,24 @@ def write_jsonl_atomic(path: Path, rows: Iterable[Any]) -> None:
 
 
 def write_recipe(run_dir: Path, recipe: Recipe) -> None:
-    write_atomic(run_dir / RECIPE_FILE, dump_recipe(recipe))
+    """recipe.yaml: the resolved recipe, which every later command (eval, generate, merge, plot) loads back."""
+    raw = _loadable(yaml.safe_load(dump_recipe(recipe)), recipe)
+    write_atomic(run_dir / RECIPE_FILE, yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+
+
+def _loadable(raw: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+    """The dump of a sampling stage's recipe less the keys its schema refuses whenever they are given, even at their
+    defaults (the other stage's rollout keys; rlhf's objective.logps, always a sum): a full dump would not load back.
+
+    A stop-gap: once the schema refuses only values that differ from the defaults, the full dump loads as it is.
+    """
+    if recipe.rollout is None:
+        return raw
+    foreign = RLHF_ONLY if recipe.objective.loss == "online_psipo" else ONLINE_ONLY
+    raw["rollout"] = {key: value for key, value in raw["rollout"].items() if key not in foreign}
+    if recipe.objective.loss == "rlhf":
+        raw["objective"] = {key: value for key, value in raw["objective"].items() if key != "logps"}
+    return raw
 
 
 def library_versions() -> dict[str, str]:
@@ -117,6 +135,12 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
+
+
+def data_unit(recipe: Recipe) -> str:
+    """What a run's data are counted in (summary.json's train_<unit>, the banner, the card): prompts for the stages
+    that sample their own responses (rlhf, online_psipo), pairs for the others."""
+    return "prompts" if recipe.objective.loss in SAMPLING_LOSSES else "pairs"
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
