@@ -24,7 +24,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 HELP = "\n\n".join(
     (
         "Fine-tune a language model on preference pairs (a prompt, a chosen and a rejected response) with DPO, IPO "
-        "or the general ΨPO objective, training a LoRA or QLoRA adapter.",
+        "or the general ΨPO objective, training a LoRA or QLoRA adapter. Or train a reward model on the pairs and a "
+        "policy against it: RLHF (objective.loss: rlhf) or online IPO/ΨPO on pairs the policy samples "
+        "(objective.loss: online_psipo).",
         "Start with `psipo recipes` (the shipped recipes), check one with `psipo validate RECIPE` and train with "
         "`psipo finetune RECIPE` (several GPUs: `psipo launch`). Then score the run with `psipo eval RUN`, try it "
         "with `psipo generate` or `psipo chat`, and export it with `psipo merge` or `psipo push`.",
@@ -68,7 +70,7 @@ def finetune(
         bool, typer.Option(help="One line per log step (the default when stdout is not a terminal).")
     ] = False,
 ) -> None:
-    """Fine-tune the recipe's model on its preference data."""
+    """Fine-tune the recipe's model on its preference data (rlhf, online_psipo: on responses it samples)."""
     from psipo_cli.recipe.loader import load_recipe
     from psipo_cli.run.display import Display, pick_mode
     from psipo_cli.training.finetune import run
@@ -210,7 +212,10 @@ def push(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Finished run directory, or its recipe.", show_default=False)],
     overrides: OverridesArg = None,
-    data: Annotated[str | None, typer.Option(help="Pairs to evaluate (file or hub id); default: data.eval.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Pairs to evaluate, or prompts only with --generate (file or hub id); default: data.eval."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Per-pair results (.jsonl); default: RUN/eval/pairs.jsonl.")] = None,
     generate: Annotated[int, typer.Option(min=0, help="Also sample N responses per prompt from π and π_ref.")] = 0,
     prompts: Annotated[int, typer.Option(min=1, help="Prompts to sample from (with --generate).")] = 16,
@@ -218,7 +223,8 @@ def evaluate(
     overwrite: Annotated[bool, typer.Option(help="Replace existing eval results.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of the table.")] = False,
 ) -> None:
-    """Score a finished run on preference pairs: margins, reward accuracy, loss, drift (and KL with --generate)."""
+    """Score a finished run on preference pairs: margins, reward accuracy, loss, drift (and KL with --generate, and
+    for rlhf/online_psipo runs the reward model's mean reward)."""
     import json
 
     from psipo_cli.tools.eval_report import print_report

@@ -160,3 +160,18 @@ def test_settings_the_stages_cannot_run_with_are_recipe_errors(
 def test_a_rollout_section_on_a_preference_recipe_is_an_error(cli, write_recipe) -> None:
     path = write_recipe(rollout={"reward_model": "runs/x"})
     assert_clean_error(cli("validate", path), "rollout: applies to objective.loss rlhf and online_psipo only")
+
+
+def test_a_reward_model_retrained_in_place_changes_the_runs_fingerprint(tmp_path: Path, reward_run: Path) -> None:
+    """--resume refuses when the reward model changed: the run would continue against another objective."""
+    from psipo_cli.recipe.loader import load_recipe
+    from psipo_cli.run.fingerprint import differences, run_fingerprint
+    from psipo_cli.training.finetune import prepare
+
+    copy = _fake_reward_run(reward_run, tmp_path, TINY_MODEL)
+    prepared = prepare(load_recipe(_write(tmp_path, copy)))
+    before = run_fingerprint(prepared.recipe, prepared.train, 1)
+    weights = copy / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")
+    after = run_fingerprint(prepared.recipe, prepared.train, 1)
+    assert [key for key, _ in differences(before, after)] == ["rollout.reward_model files"]

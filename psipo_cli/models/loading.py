@@ -226,12 +226,17 @@ def to_inference_device(model: Any, spec: ModelSection) -> Any:
 
 
 def describe_reference(recipe: Recipe) -> str:
-    """One line saying which policy the margins are measured against."""
+    """One line saying which policy the margins (and, for rlhf, eq. 6's KL) are measured against."""
     if recipe.objective.loss == "reward":
         return "none: a reward model is fitted to the pairs directly (Bradley–Terry, eq. 5)"
     if recipe.adapter.init_from:
         ref = f"frozen copy of the starting adapter {recipe.adapter.init_from}"
     else:
         ref = f"base model {recipe.model.name_or_path} with the adapter disabled"
-    when = "precomputed once before training" if recipe.objective.precompute_ref_log_probs else "computed every step"
+    if recipe.rollout is not None:  # the sampling stages: new responses each step, scored under π_ref as drawn
+        when = "computed on each batch of sampled responses"
+    elif recipe.objective.precompute_ref_log_probs:
+        when = "precomputed once before training"
+    else:
+        when = "computed every step"
     return f"{ref} ({when})"

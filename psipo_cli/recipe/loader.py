@@ -244,6 +244,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, cwd: Path 
     raw = apply_overrides(raw, overrides or [], cwd or Path.cwd())
     recipe = validate(raw)
     recipe.output.dir = str(Path(recipe.output.dir).expanduser().resolve())
+    if recipe.rollout is not None:  # a run directory like output.dir: from the working directory, kept absolute
+        recipe.rollout.reward_model = str(Path(recipe.rollout.reward_model).expanduser().resolve())
     return recipe
 
 

@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from psipo_cli.errors import UserError
 from psipo_cli.recipe.loader import dump_recipe
-from psipo_cli.recipe.schema import Recipe
+from psipo_cli.recipe.schema import SAMPLING_LOSSES, Recipe
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -106,6 +106,7 @@ def write_jsonl_atomic(path: Path, rows: Iterable[Any]) -> None:
 
 
 def write_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """recipe.yaml: the resolved recipe, which every later command (eval, generate, merge, plot) loads back."""
     write_atomic(run_dir / RECIPE_FILE, dump_recipe(recipe))
 
 
@@ -117,6 +118,12 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
+
+
+def data_unit(recipe: Recipe) -> str:
+    """What a run's data are counted in (summary.json's train_<unit>, the banner, the card): prompts for the stages
+    that sample their own responses (rlhf, online_psipo), pairs for the others."""
+    return "prompts" if recipe.objective.loss in SAMPLING_LOSSES else "pairs"
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -18,6 +18,8 @@ from rich.table import Table
 from transformers import TrainerCallback
 
 from psipo_cli.models.loading import describe_reference
+from psipo_cli.recipe.schema import ObjectiveSection, Recipe
+from psipo_cli.run.directory import data_unit
 from psipo_cli.training.layout_check import describe_layout
 from psipo_cli.versions import drift_line
 
@@ -25,13 +27,21 @@ Mode = Literal["rich", "plain", "quiet"]
 
 console = Console(highlight=False, soft_wrap=True)
 
+# What the end-of-run table (and a sampling run's model card) shows, where the run logged it: preference runs log
+# margins and drift; the sampling stages log the reward of their samples and eq. 6's per-sequence KL.
 SUMMARY_KEYS = (
     ("loss", "loss"),
+    ("reward", "mean reward r"),
+    ("kl_sequence", "KL(π‖π_ref) per sequence"),
     ("margin", "mean margin h"),
     ("target", "target"),
     ("reward_accuracy", "reward accuracy"),
+    ("p_hat", "mean p̂"),
     ("logratio_chosen", "Δ log π chosen"),
     ("logratio_rejected", "Δ log π rejected"),
+    ("entropy", "entropy per token"),
+    ("completions/mean_length", "response tokens"),
+    ("clip_ratio/region_mean", "clipped fraction"),
     ("tokens_per_s", "tokens/s"),
 )
 
@@ -49,33 +59,61 @@ def _is_main(trainer: Any) -> bool:
 def banner_lines(trainer: Any, prepared: Any) -> list[str]:
     recipe = prepared.recipe
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    objective = recipe.objective
-    psi = f", Ψ={objective.psi}" if objective.loss == "psipo" else ""
-    logps = f", log-probs: {objective.logps} over response tokens" if objective.logps else ""
+    unit = data_unit(recipe)
     lines = [
         f"model      {recipe.model.name_or_path} ({recipe.model.quantization}, dtype {recipe.model.dtype})",
         f"adapter    LoRA r={recipe.adapter.r} α={recipe.adapter.alpha:g}: {trainable:,} trainable of {total:,}",
-        f"objective  {objective.loss} τ={objective.tau:g}{psi}{logps}",
+        f"objective  {_objective_text(recipe.objective)}",
         f"reference  {describe_reference(recipe)}",
-        f"data       {len(prepared.train.dataset):,} train pairs"
-        + (f", {len(prepared.eval.dataset):,} eval pairs" if prepared.eval else ""),
+        f"data       {len(prepared.train.dataset):,} train {unit}"
+        + (f", {len(prepared.eval.dataset):,} eval {unit}" if prepared.eval else ""),
     ]
-    if hasattr(trainer, "forward_step"):  # a reward model scores single rows: no pair layout
+    if recipe.rollout is not None:
+        lines.append(f"rollout    {describe_rollout(recipe)}")
+    if hasattr(trainer, "forward_step"):  # a reward model scores single rows, a sampling stage TRL's: no pair layout
         lines.append(f"layout     {describe_layout(trainer.forward_step)}")
     if recipe.model.trust_remote_code:
         lines.append("trust_remote_code is ON: this model's own Python code runs")
     drift = drift_line()  # psipo relies on TRL/transformers internals (training/trl_internals.py)
     if drift:
         lines.append(drift)
-    lines += [f"dropped    {count} pairs: {reason}" for reason, count in prepared.train.dropped.items()]
+    lines += [f"dropped    {count} {unit}: {reason}" for reason, count in prepared.train.dropped.items()]
     if prepared.train.truncated:
         lines.append(f"truncated  {prepared.train.truncated} pairs to data.max_length={recipe.data.max_length} tokens")
     lines.append(f"run dir    {recipe.output.dir}")
     return lines
 
 
+def _objective_text(objective: ObjectiveSection) -> str:
+    """`ipo τ=0.5, log-probs: mean over response tokens`; rlhf's τ weighs eq. 6's KL of whole responses."""
+    if objective.loss == "rlhf":
+        return f"rlhf τ={objective.tau:g}: maximise E[r] − τ·KL(π‖π_ref) (eq. 6), KL summed over each response"
+    psi = f", Ψ={objective.psi}" if objective.loss in ("psipo", "online_psipo") else ""
+    if objective.loss == "online_psipo" and objective.psi == "identity":
+        psi += " (online IPO)"
+    logps = f", log-probs: {objective.logps} over response tokens" if objective.logps else ""
+    return f"{objective.loss} τ={objective.tau:g}{psi}{logps}"
+
+
+def describe_rollout(recipe: Recipe) -> str:
+    """The sampling stages' rollout in one line: what is sampled per prompt, how, and which reward run scores it."""
+    rollout = recipe.rollout
+    assert rollout is not None  # only the sampling stages have one
+    if recipe.objective.loss == "rlhf":
+        what = f"{rollout.responses_per_prompt} responses per prompt (RLOO, clip ε={rollout.clip_epsilon:g})"
+    else:
+        source = f"π^(1−β)·π_ref^β with β={rollout.mixture:g} (IPO-MD)" if rollout.mixture else "π"
+        label = "soft label p̂" if rollout.label == "soft" else "label drawn as 1 with probability p̂"
+        what = f"one pair per prompt from {source}, {label}"
+    top_p = f", top-p {rollout.top_p:g}" if rollout.top_p < 1 else ""
+    passes = f", {rollout.iterations} passes per batch of samples" if rollout.iterations > 1 else ""
+    sampling = f"≤ {rollout.max_new_tokens} new tokens at temperature {rollout.temperature:g}{top_p}{passes}"
+    return f"{what}; {sampling}; reward model {rollout.reward_model}"
+
+
 def metrics_text(logs: dict[str, float]) -> str:
-    """`loss 0.512  h 0.21→1.00  acc 0.75  5,120 tok/s` from one log record (train or eval keys)."""
+    """`loss 0.512  h 0.21→1.00  acc 0.75  5,120 tok/s` from one log record (train or eval keys); a sampling run
+    adds the mean reward of its samples, their KL to the reference per sequence and the policy's entropy."""
     get = {key.removeprefix("eval_"): value for key, value in logs.items()}
     parts = []
     if "loss" in get:
@@ -85,6 +123,9 @@ def metrics_text(logs: dict[str, float]) -> str:
         parts.append(f"h {get['margin']:.3g}{target}")
     if "reward_accuracy" in get:
         parts.append(f"acc {get['reward_accuracy']:.2f}")
+    for key, label in (("reward", "reward"), ("kl_sequence", "KL"), ("entropy", "entropy")):
+        if key in get:
+            parts.append(f"{label} {get[key]:.3g}")
     if "tokens_per_s" in get:
         parts.append(f"{get['tokens_per_s']:,.0f} tok/s")
     return "  ".join(parts)

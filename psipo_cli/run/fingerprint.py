@@ -83,6 +83,10 @@ def run_fingerprint(recipe: Recipe, train: PreferenceData, processes: int) -> di
         "data.train content": train.fingerprint,
         "model files": model_identity(recipe.model.name_or_path, recipe.model.revision)["files"],
         "adapter.init_from files": model_identity(init_from, None)["files"] if init_from else {},
+        # The reward model a sampling stage trains against: retrained in place, it is another objective.
+        "rollout.reward_model files": model_identity(recipe.rollout.reward_model, None)["files"]
+        if recipe.rollout
+        else {},
         "processes": processes,
     }
 

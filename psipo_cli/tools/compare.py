@@ -14,7 +14,8 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from psipo_cli.errors import UserError
-from psipo_cli.tools.plots import OVERVIEW, PANELS, draw_runs, make_dir, require_matplotlib
+from psipo_cli.tools.panels import PANELS
+from psipo_cli.tools.plots import OVERVIEW, draw_runs, make_dir, require_matplotlib
 from psipo_cli.tools.run_metrics import Run, is_number, load_run
 
 EMPTY = "—"
@@ -63,27 +64,36 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 TABLE_COLUMNS = (
     ("loss", "loss"),
+    ("reward", "reward"),
+    ("kl_sequence", "KL/sequence"),
     ("margin", "margin h"),
     ("target", "target"),
     ("reward_accuracy", "reward acc."),
     ("logratio_chosen", "log-ratio chosen"),
     ("logratio_rejected", "log-ratio rejected"),
 )
+# Always shown, even where no run logged them: a preference run's columns. The others only where a run has them.
+PAIR_COLUMNS = ("loss", "margin", "target", "reward_accuracy", "logratio_chosen", "logratio_rejected")
 
 
 def _cell(value: Any) -> str:
     return f"{value:.4f}" if is_number(value) else EMPTY
 
 
+def _columns(runs: list[Run]) -> list[tuple[str, str]]:
+    """The pair metrics when a preference or reward run is compared; a sampling run's reward and KL when one is."""
+    logged = {key for run in runs for split in ("train", "eval") for key in run.last(split)}
+    pairs = any(run.recipe.rollout is None for run in runs)
+    return [(key, head) for key, head in TABLE_COLUMNS if key in logged or (pairs and key in PAIR_COLUMNS)]
+
+
 def final_metrics_table(runs: list[Run]) -> Table:
     """Last train and last eval log of each run."""
-    table = Table(
-        title="final metrics: last train and eval logs",
-        caption="log-ratio = log π − log π_ref, the drift from the reference (a KL proxy); unit: of h and log-ratios",
-    )
+    columns = _columns(runs)
+    table = Table(title="final metrics: last train and eval logs", caption=_caption([key for key, _ in columns]))
     for header in ("run", "objective", "unit", "split", "step"):
         table.add_column(header, justify="right" if header == "step" else "left")
-    for _, header in TABLE_COLUMNS:
+    for _, header in columns:
         table.add_column(header, justify="right")
     for run in runs:
         status = "" if run.finished else " (in progress)"
@@ -92,10 +102,19 @@ def final_metrics_table(runs: list[Run]) -> Table:
             if not record:
                 continue
             step = str(record.get("step", EMPTY))
-            cells = [_cell(record.get(key)) for key, _ in TABLE_COLUMNS]
+            cells = [_cell(record.get(key)) for key, _ in columns]
             table.add_row(run.name + status, run.objective_label, run.unit, split, step, *cells)
         table.add_section()
     return table
+
+
+def _caption(keys: list[str]) -> str:
+    notes = []
+    if "logratio_chosen" in keys:
+        notes.append("log-ratio = log π − log π_ref, the drift from the reference (a KL proxy)")
+    if "kl_sequence" in keys:
+        notes.append("KL/sequence: eq. 6's KL(π‖π_ref) of the sampled responses, in nats")
+    return "; ".join([*notes, "unit: of h and log-ratios"])
 
 
 def print_table(table: Table, console: Console) -> None:

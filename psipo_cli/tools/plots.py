@@ -1,4 +1,5 @@
-"""Pictures of a run's metrics.jsonl: loss, margin h against its target, reward accuracy, drift from the reference.
+"""Pictures of a run's metrics.jsonl: the panels of `panels` (loss, margin h against its target, reward accuracy,
+drift from the reference; the reward of a sampling run's responses against their KL to the reference).
 
 `write_plots(run_dir)` draws one run into `RUN_DIR/plots/` (one PNG per metric and `overview.png` with all of
 them); `draw_runs` is the drawing itself, which `compare` uses to overlay several runs. matplotlib is the optional
@@ -10,13 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from psipo_cli.errors import UserError
 from psipo_cli.run.directory import METRICS_FILE
+from psipo_cli.tools.panels import PANELS, Panel, target
 from psipo_cli.tools.run_metrics import Run, load_run
 
 PLOTS_DIR = "plots"
@@ -26,150 +26,6 @@ PANEL_SIZE = (7.5, 4.5)  # inches, one metric per file
 CELL_SIZE = (5.0, 3.6)  # inches per panel in overview.png, small enough that its text stays legible scaled down
 HEADER = 0.8  # inches above the overview's grid for the run's name and description
 FONTS = {"font.size": 12, "axes.titlesize": 13, "axes.labelsize": 12, "legend.fontsize": 10.5}
-TRAIN_STYLE = {"lw": 1.6}
-EVAL_STYLE = {"ls": ":", "lw": 1.3, "marker": "o", "ms": 4.5}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Panels: what each picture shows
-
-
-@dataclass(frozen=True)
-class Series:
-    """One curve of a panel: `key` in `split`, its legend label and style (colour only for a single run)."""
-
-    key: str
-    split: str
-    label: str
-    color: str
-    style: dict[str, Any] = field(default_factory=dict)
-
-
-def _common(runs: list[Run], value: Callable[[Run], str], mixed: str) -> str:
-    values = {value(run) for run in runs}
-    return values.pop() if len(values) == 1 else mixed
-
-
-def _loss_title(runs: list[Run]) -> str:
-    formulas = {"dpo": "−log σ(τh)", "ipo": "(h − 1/(2τ))²", "psipo": "(h − h*)²", "reward": "−log σ(r_w − r_l)"}
-    return _common(runs, lambda run: f"loss {formulas[run.objective.loss]}", "loss")
-
-
-def _loss_unit(run: Run) -> str:
-    # DPO and the reward model's losses are log-likelihoods; IPO/ΨPO's are squared margins.
-    return "nats" if run.objective.loss in ("dpo", "reward") else {"nats": "nats²"}.get(run.unit, "nats²/token²")
-
-
-def _margin_title(runs: list[Run]) -> str:
-    if all(run.objective.loss == "reward" for run in runs):
-        return "mean reward margin r_w − r_l"
-    return "mean margin h"
-
-
-def _h(runs: list[Run]) -> str:
-    """The margin's symbol: a reward model's is the difference of its rewards."""
-    return "r_w − r_l" if all(run.objective.loss == "reward" for run in runs) else "h"
-
-
-@dataclass(frozen=True)
-class Panel:
-    """One metric: a file `<stem>.png`, and a panel of overview.png."""
-
-    stem: str
-    title: Callable[[list[Run]], str]
-    ylabel: Callable[[list[Run]], str]
-    series: tuple[Series, ...]
-    decorate: Callable[[Any, list[Run], bool], None] = lambda ax, runs, compare: None
-
-    def has_data(self, run: Run) -> bool:
-        return any(run.series(s.split, s.key)[0] for s in self.series)
-
-
-def _train_eval(key: str) -> tuple[Series, ...]:
-    return (Series(key, "train", "train", "C0", TRAIN_STYLE), Series(key, "eval", "eval", "C1", EVAL_STYLE))
-
-
-def _target_line(ax: Any, runs: list[Run], compare: bool) -> None:
-    """The margin the objective drives h to, as a dashed line; DPO with hard labels and reward models have none."""
-    for i, run in enumerate(runs):
-        target = _target(run)
-        if target is None:
-            continue
-        if run.objective.loss == "ipo":
-            label = f"target 1/(2τ) = {target:.3g}"
-        else:
-            label = f"target h* (mean over pairs) = {target:.3g}"
-        color = f"C{i % 10}" if compare else "black"
-        ax.axhline(target, color=color, ls="--", lw=1.2, alpha=0.9, label=None if compare else label, zorder=1)
-
-
-def _target(run: Run) -> float | None:
-    """The eval target if evaluated (a fixed set, so a constant), else the mean of the train batches' targets."""
-    for split in ("eval", "train"):
-        values = [v for v in run.series(split, "target")[1] if math.isfinite(v)]
-        if values:
-            return values[-1] if split == "eval" else sum(values) / len(values)
-    return None
-
-
-def _chance_line(ax: Any, runs: list[Run], compare: bool) -> None:
-    ax.axhline(0.5, color="0.45", ls="--", lw=1.0, label="chance", zorder=1)
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
-
-
-def _zero_line(ax: Any, runs: list[Run], compare: bool) -> None:
-    ax.axhline(0.0, color="0.45", lw=0.8, zorder=1)  # the reference itself
-
-
-def _plain_ticks(ax: Any, runs: list[Run], compare: bool) -> None:
-    from matplotlib.ticker import FuncFormatter
-
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.2g}"))  # 0.005, 5e-05: no offset text
-
-
-PANELS = (
-    Panel("loss", _loss_title, lambda runs: f"loss ({_common(runs, _loss_unit, 'mixed units')})", _train_eval("loss")),
-    Panel(
-        "margin",
-        _margin_title,
-        lambda runs: f"{_h(runs)} ({_common(runs, lambda run: run.unit, 'mixed units')})",
-        _train_eval("margin"),
-        _target_line,
-    ),
-    Panel(
-        "reward_accuracy",
-        lambda runs: "reward accuracy",
-        lambda runs: f"fraction of pairs with {_h(runs)} > 0",
-        _train_eval("reward_accuracy"),
-        _chance_line,
-    ),
-    Panel(
-        "logps_drift",
-        lambda runs: "drift from the reference (KL proxy)",
-        lambda runs: f"log π − log π_ref ({_common(runs, lambda run: run.unit, 'mixed units')})",
-        (
-            Series("logratio_chosen", "train", "chosen, train", "C2", TRAIN_STYLE),
-            Series("logratio_rejected", "train", "rejected, train", "C3", {**TRAIN_STYLE, "ls": "--"}),
-            Series("logratio_chosen", "eval", "chosen, eval", "C2", EVAL_STYLE),
-            Series("logratio_rejected", "eval", "rejected, eval", "C3", {**EVAL_STYLE, "marker": "v"}),
-        ),
-        _zero_line,
-    ),
-    Panel(
-        "learning_rate",
-        lambda runs: "learning rate",
-        lambda runs: "learning rate",
-        (Series("learning_rate", "train", "train", "C0", TRAIN_STYLE),),
-        _plain_ticks,
-    ),
-    Panel(
-        "throughput",
-        lambda runs: "training throughput",
-        lambda runs: "tokens / s",
-        (Series("tokens_per_s", "train", "train", "C0", TRAIN_STYLE),),
-    ),
-)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,16 +59,17 @@ def _draw(ax: Any, panel: Panel, runs: list[Run], compare: bool) -> dict[str, An
 
     for i, run in enumerate(runs):
         for s in panel.series:
-            steps, values = run.series(s.split, s.key)
-            if not steps:
+            xs, values = panel.points(run, s)
+            if not xs:
                 continue
-            style = {"marker": "o", "ms": 4.5, **s.style} if len(steps) == 1 else s.style  # a lone point shows
+            style = {"marker": "o", "ms": 4.5, **s.style} if len(xs) == 1 else s.style  # a lone point shows
             color = f"C{i % 10}" if compare else s.color
-            ax.plot(steps, values, color=color, label=None if compare else s.label, **style)
+            ax.plot(xs, values, color=color, label=None if compare else s.label, **style)
     panel.decorate(ax, runs, compare)
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel(runs))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))  # 0, 10, 20, not 0, 8, 16
+    if panel.x is None:  # optimizer steps: 0, 10, 20, not 0, 8, 16
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
     ax.grid(alpha=0.3)
     if compare:
         return _style_entries(panel, runs)
@@ -224,9 +81,9 @@ def _style_entries(panel: Panel, runs: list[Run]) -> dict[str, Any]:
     """With runs told apart by colour, grey legend entries say which line style is which curve."""
     from matplotlib.lines import Line2D
 
-    shown = [s for s in panel.series if any(run.series(s.split, s.key)[0] for run in runs)]
+    shown = [s for s in panel.series if any(panel.points(run, s)[0] for run in runs)]
     handles = [Line2D([], [], color="0.35", label=s.label, **s.style) for s in shown]
-    if panel.stem == "margin" and any(_target(run) is not None for run in runs):
+    if panel.stem == "margin" and any(target(run) is not None for run in runs):
         handles.append(Line2D([], [], color="0.35", ls="--", lw=1.2, label="target (run's colour)"))
     if panel.stem == "reward_accuracy":
         handles.append(Line2D([], [], color="0.45", ls="--", lw=1.0, label="chance"))

@@ -34,13 +34,18 @@ class Run:
 
     @property
     def objective_label(self) -> str:
-        """'IPO τ=0.5', 'ΨPO (logit) τ=0.1', 'reward model'."""
+        """'IPO τ=0.5', 'ΨPO (logit) τ=0.1', 'reward model', 'RLHF τ=0.05', 'online IPO τ=0.5, mixture β=0.25'."""
         obj = self.objective
         if obj.loss == "reward":
             return "reward model"
         psi = obj.psi if len(obj.psi) <= 20 else obj.psi[:19] + "…"  # Ψ may be an expression in q
-        name = f"ΨPO ({psi})" if obj.loss == "psipo" else obj.loss.upper()
-        return f"{name} τ={obj.tau:g}"
+        if obj.loss == "online_psipo":
+            name = "online IPO" if obj.psi == "identity" else f"online ΨPO ({psi})"
+        else:
+            name = {"psipo": f"ΨPO ({psi})", "rlhf": "RLHF"}.get(obj.loss, obj.loss.upper())
+        label = f"{name} τ={obj.tau:g}"
+        rollout = self.recipe.rollout
+        return f"{label}, mixture β={rollout.mixture:g}" if rollout is not None and rollout.mixture else label
 
     @property
     def label(self) -> str:
@@ -64,6 +69,13 @@ class Run:
                 by_step[int(record["step"])] = value if math.isfinite(value) else math.nan
         steps = sorted(by_step)
         return steps, [by_step[s] for s in steps]
+
+    def points(self, split: str, x: str, y: str) -> tuple[list[int], list[float], list[float]]:
+        """(steps, x values, y values) of the steps of `split` that logged both keys, in step order."""
+        xs = dict(zip(*self.series(split, x), strict=True))
+        steps, ys = self.series(split, y)
+        both = [(step, xs[step], value) for step, value in zip(steps, ys, strict=True) if step in xs]
+        return [p[0] for p in both], [p[1] for p in both], [p[2] for p in both]
 
     def last(self, split: str) -> dict[str, Any]:
         """The newest record of `split` (empty when there is none)."""

@@ -1,13 +1,15 @@
 """`psipo eval --generate`: sample from the policy and from its reference to estimate KL(π‖π_ref) and KL(π_ref‖π).
 
 Sampling is plain ancestral sampling from each policy (every logits processor neutralised), seeded with the
-recipe's seed, and every sample is scored under both policies by the trainer's forward step (`scoring`).
+recipe's seed, and every sample is scored under both policies by the trainer's forward step (`scoring`). A run of
+a sampling stage (rlhf, online_psipo) also has each sample scored by its reward model, as training scored them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,18 +21,29 @@ from psipo_cli.models.loading import ReferenceContext
 from psipo_cli.recipe.schema import Recipe
 from psipo_cli.tools.scoring import model_device, score_responses, trained_precision
 
+# (prompt text, its token ids): the text is what a reward model scores, the ids what the policy continues.
+Prompt = tuple[str, list[int]]
+# A reward model as the sampling stages call it: (prompt texts, response token ids) -> r(x, y) of each response.
+RewardFn = Callable[[list[str], list[list[int]]], list[float]]
 
-def unique_prompts(dataset: Any, limit: int) -> list[list[int]]:
-    """Token ids of the first `limit` distinct prompts, tokenised (and chat-rendered) as in training."""
+
+def unique_prompts(dataset: Any, limit: int) -> list[Prompt]:
+    """The first `limit` distinct prompts of tokenised pairs, as text and ids (chat-rendered as in training)."""
     seen: set[str] = set()
-    prompts: list[list[int]] = []
+    prompts: list[Prompt] = []
     for text, ids in zip(dataset["prompt"], dataset["prompt_ids"], strict=True):
         if text not in seen:
             seen.add(text)
-            prompts.append(ids)
+            prompts.append((text, ids))
         if len(prompts) == limit:
             break
     return prompts
+
+
+def tokenize_prompts(texts: list[str], tokenizer: Any, limit: int) -> list[Prompt]:
+    """The first `limit` of already distinct, rendered prompt texts with their ids, tokenised as TRL's sampler
+    tokenises a text prompt (special tokens added: the renderer left BOS to the tokenizer)."""
+    return [(text, tokenizer(text)["input_ids"]) for text in texts[:limit]]
 
 
 def sampling_config(tokenizer: Any, max_new_tokens: int) -> Any:
@@ -71,28 +84,35 @@ def _responses(sequences: Tensor, prompt_length: int, stop_ids: list[int]) -> li
 
 @dataclass
 class Samples:
-    """What one policy's samples gave: response lengths, whether each ended in EOS, log π(y|x) − log π_ref(y|x)."""
+    """What one policy's samples gave: response lengths, whether each ended in EOS, log π(y|x) − log π_ref(y|x), and
+    each one's reward when a reward model scored them."""
 
     lengths: list[int]
     ended: list[bool]
     log_ratios: list[float]
+    rewards: list[float]
+
+
+@dataclass
+class Sampler:
+    """What sampling from a run needs: the policy (and its reference context), the run and its reward model."""
+
+    model: Any
+    reference: ReferenceContext
+    tokenizer: Any
+    recipe: Recipe
+    reward: RewardFn | None = None  # the sampling stages' reward model (rollout.reward_model); None: no rewards
 
 
 def _sample(
-    model: Any,
-    reference: ReferenceContext,
-    from_reference: bool,
-    prompts: list[list[int]],
-    tokenizer: Any,
-    recipe: Recipe,
-    per_prompt: int,
-    max_new_tokens: int,
+    sampler: Sampler, from_reference: bool, prompts: list[Prompt], per_prompt: int, max_new_tokens: int
 ) -> Samples:
-    """`per_prompt` samples per prompt from π (or π_ref), each scored under both."""
+    """`per_prompt` samples per prompt from π (or π_ref), each scored under both (and by the reward model)."""
+    model, reference, tokenizer, recipe = sampler.model, sampler.reference, sampler.tokenizer, sampler.recipe
     config = sampling_config(tokenizer, max_new_tokens)
     stop_ids = config.eos_token_id
-    samples = Samples([], [], [])
-    for prompt in prompts:
+    samples = Samples([], [], [], [])
+    for text, prompt in prompts:
         input_ids = torch.tensor([prompt] * per_prompt, device=model_device(model))
         with reference() if from_reference else contextlib.nullcontext(), trained_precision(model, recipe):
             sequences = model.generate(
@@ -103,37 +123,35 @@ def _sample(
         samples.lengths += [len(r) for r in responses]
         samples.ended += [bool(r) and r[-1] in stop_ids for r in responses]
         samples.log_ratios += (logp - logp_ref).tolist()
+        if sampler.reward is not None:
+            samples.rewards += sampler.reward([text] * len(responses), responses)
     return samples
 
 
 @torch.no_grad()
-def sample_and_score(
-    model: Any,
-    reference: ReferenceContext,
-    prompts: list[list[int]],
-    tokenizer: Any,
-    recipe: Recipe,
-    per_prompt: int,
-    max_new_tokens: int,
-) -> dict[str, Any]:
+def sample_and_score(sampler: Sampler, prompts: list[Prompt], per_prompt: int, max_new_tokens: int) -> dict[str, Any]:
     """`per_prompt` samples per prompt from π and from π_ref; KL(π‖π_ref) ≈ mean over π's samples of
     log π(y|x) − log π_ref(y|x).
 
     Log-probs are summed over each sample's tokens up to and including its first EOS. The reverse KL(π_ref‖π) is
     estimated from the reference's samples the same way. Both are unbiased Monte Carlo estimates of non-negative
-    quantities, so either can come out slightly below 0 when the two policies are close.
+    quantities, so either can come out slightly below 0 when the two policies are close. With a reward model, the
+    mean reward of each policy's samples too, and for rlhf eq. 6's objective E[r] − τ·KL(π‖π_ref) (sampled at
+    temperature 1, whatever rollout.temperature the run trained with).
     """
     from transformers import set_seed
 
+    recipe = sampler.recipe
     set_seed(recipe.training.seed)  # the same samples on every rerun
-    policy = _sample(model, reference, False, prompts, tokenizer, recipe, per_prompt, max_new_tokens)
-    ref = _sample(model, reference, True, prompts, tokenizer, recipe, per_prompt, max_new_tokens)
-    return {
+    policy = _sample(sampler, False, prompts, per_prompt, max_new_tokens)
+    ref = _sample(sampler, True, prompts, per_prompt, max_new_tokens)
+    kl = statistics.fmean(policy.log_ratios)
+    summary = {
         "prompts": len(prompts),
         "samples_per_prompt": per_prompt,
         "max_new_tokens": max_new_tokens,
         "seed": recipe.training.seed,
-        "kl_policy_reference": statistics.fmean(policy.log_ratios),
+        "kl_policy_reference": kl,
         "kl_reference_policy": -statistics.fmean(ref.log_ratios),
         "policy_length_mean": statistics.fmean(policy.lengths),
         "policy_length_median": statistics.median(policy.lengths),
@@ -142,3 +160,12 @@ def sample_and_score(
         "reference_length_median": statistics.median(ref.lengths),
         "reference_ended_with_eos": statistics.fmean(ref.ended),
     }
+    if sampler.reward is not None and recipe.rollout is not None:
+        summary |= {
+            "reward_model": recipe.rollout.reward_model,
+            "reward_policy": statistics.fmean(policy.rewards),
+            "reward_reference": statistics.fmean(ref.rewards),
+        }
+        if recipe.objective.loss == "rlhf":
+            summary["rlhf_objective"] = summary["reward_policy"] - recipe.objective.tau * kl
+    return summary

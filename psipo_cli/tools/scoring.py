@@ -1,7 +1,8 @@
 """Policy and reference log-probs of a finished run, through the trainer's own forward step, and the objective on them.
 
 `score_pairs` gives each preference pair's margin, loss and target exactly as the trainer's evaluation computes
-them; `score_responses` gives the summed log-probs of sampled responses (for `sampling`). Both run the model in the
+them (a sampling stage evaluates fresh samples instead: its pairs get online ΨPO's loss, or no loss for rlhf);
+`score_responses` gives the summed log-probs of sampled responses (for `sampling`). Both run the model in the
 recipe's mixed precision, as it trained.
 """
 
@@ -27,7 +28,7 @@ class PairScores:
     """Per-pair results, aggregated as `objective.logps` says (sum or token mean), all (n,)."""
 
     margin: Tensor
-    loss: Tensor
+    loss: Tensor | None  # None for rlhf: eq. 6 has no per-pair loss
     target: Tensor | None
     policy_chosen: Tensor
     policy_rejected: Tensor
@@ -36,6 +37,20 @@ class PairScores:
     chosen_tokens: Tensor
     rejected_tokens: Tensor
     p_hat: Tensor | None
+
+
+# The `objectives` loss a run's pairs are scored with, where it is not the run's own objective.loss: online ΨPO
+# trains the psipo loss on pairs it samples, so fixed pairs get the same function; rlhf's eq. 6 has no pair loss.
+PAIR_OBJECTIVE: dict[str, str | None] = {"online_psipo": "psipo", "rlhf": None}
+
+
+def pair_objective(loss: str) -> str | None:
+    return PAIR_OBJECTIVE.get(loss, loss)
+
+
+def aggregation(recipe: Recipe) -> str:
+    """How a sequence's token log-probs are aggregated: the recipe's, else the sum (rlhf's whole-sequence KL)."""
+    return recipe.objective.logps or "sum"
 
 
 def model_device(model: Any) -> torch.device:
@@ -65,7 +80,7 @@ def score_pairs(model: Any, reference: ReferenceContext, dataset: Any, recipe: R
     """Policy and reference log-probs of every pair through the trainer's forward step, then the objective."""
     forward = forward_step_for(recipe.training.prefix_sharing, pad_token_id)
     collate = forward.collator(pad_token_id, recipe.data.max_length)
-    how = recipe.objective.logps or "sum"
+    how = aggregation(recipe)
     parts: dict[str, list[Tensor]] = {}
     for examples in _batches(dataset, recipe.training.per_device_eval_batch_size):
         inputs = to_device(
@@ -91,9 +106,9 @@ def _objective(recipe: Recipe, logps: dict[str, Tensor]) -> PairScores:
     objective = recipe.objective
     h = margin(logps["policy_chosen"], logps["policy_rejected"], logps["ref_chosen"], logps["ref_rejected"])
     p_hat = logps.get("p_hat")
-    losses, target = pair_losses(
-        objective.loss, h, objective.tau, p_hat=p_hat, psi=objective.psi, label_eps=objective.label_eps
-    )
+    losses, target = None, None
+    if (name := pair_objective(objective.loss)) is not None:
+        losses, target = pair_losses(name, h, objective.tau, p_hat, objective.psi, objective.label_eps)
     return PairScores(
         margin=h,
         loss=losses,

@@ -33,6 +33,7 @@ from psipo_cli.run.directory import (
     check_output_dir,
     checkpoint_bytes,
     create_run_dir,
+    data_unit,
     library_versions,
     read_metrics,
     write_recipe,
@@ -174,9 +175,11 @@ def _last_eval_step(run_dir: Path) -> int | None:
 
 
 def summarize(trainer: Any, prepared: Prepared, train_metrics: dict, runtime: float) -> dict[str, Any]:
-    run_dir = Path(prepared.recipe.output.dir)
-    objective = prepared.recipe.objective
-    return {
+    recipe = prepared.recipe
+    run_dir = Path(recipe.output.dir)
+    objective = recipe.objective
+    unit = data_unit(recipe)  # the sampling stages train on prompts, not pairs
+    summary = {
         "run_dir": str(run_dir),
         "objective": {
             "loss": objective.loss,
@@ -184,16 +187,20 @@ def summarize(trainer: Any, prepared: Prepared, train_metrics: dict, runtime: fl
             "psi": objective.psi,
             "logps": objective.logps,
         },
-        "reference": describe_reference(prepared.recipe),
+        "reference": describe_reference(recipe),
         "reference_cache_hits": getattr(trainer, "reference_cache_hits", None),
+        # None where the trainer has no pair layout: a reward model's single rows, or sampled responses (TRL's own)
         "layout": layout_summary(getattr(trainer, "forward_step", None)),
         "steps": trainer.state.global_step,
         "runtime_s": round(runtime, 2),
-        "train_pairs": len(prepared.train.dataset),
-        "dropped_pairs": prepared.train.dropped,
-        "truncated_pairs": prepared.train.truncated,
+        f"train_{unit}": len(prepared.train.dataset),
+        f"dropped_{unit}": prepared.train.dropped,
+        f"truncated_{unit}": prepared.train.truncated,
         "final_train": _last(run_dir, "train"),
         "final_eval": _last(run_dir, "eval"),
         "train_loss_mean": train_metrics.get("train_loss"),
         "versions": library_versions(),
     }
+    if recipe.rollout is not None:
+        summary["rollout"] = recipe.rollout.model_dump()
+    return summary

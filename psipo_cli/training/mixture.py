@@ -40,10 +40,10 @@ class MixtureLogits(LogitsProcessor):
                 input_ids=input_ids[:, self.seen :],
                 attention_mask=mask,
                 position_ids=positions[:, self.seen :],
-                past_key_values=self.cache,
+                cache=self.cache,
                 use_cache=True,
             )
-        self.cache, self.seen = out.past_key_values, input_ids.size(1)
+        self.cache, self.seen = out.cache, input_ids.size(1)
         reference = out.logits[:, -1].float().log_softmax(-1)
         return (1 - self.beta) * scores.float().log_softmax(-1) + self.beta * reference
 
