@@ -31,8 +31,7 @@ _PSI_NEEDS_CLIP = frozenset({"logit"})
 # TRL sum the response tokens' log-probs. TRL's IPO, a choice agreed with the IPO paper's authors, uses
 # the token mean so that τ's scale does not depend on response length. ΨPO generalises IPO (identity Ψ
 # is IPO), so it follows IPO.
-# online_psipo as ipo/psipo, so that τ means the same offline and online.
-DEFAULT_AGGREGATION: dict[str, str] = {"dpo": "sum", "ipo": "mean", "psipo": "mean", "online_psipo": "mean"}
+DEFAULT_AGGREGATION: dict[str, str] = {"dpo": "sum", "ipo": "mean", "psipo": "mean"}
 
 
 @lru_cache(maxsize=64)

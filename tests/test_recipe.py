@@ -167,3 +167,15 @@ def test_readme_key_table_matches_the_schema() -> None:
 
     readme = (RECIPES.parent / "README.md").read_text(encoding="utf-8")
     assert gen_docs.render(readme) == readme, "README's recipe key table is stale: run `make docs`"
+
+
+def test_adapter_dropout_defaults_by_stage(write_recipe, tmp_path: Path) -> None:
+    """0.05 for the preference stages; 0 for the sampling stages, which score with the policy that sampled."""
+    raw = yaml.safe_load(write_recipe().read_text())
+    del raw["adapter"]["dropout"]
+    (tmp_path / "pref.yaml").write_text(yaml.safe_dump(raw))
+    assert load_recipe(tmp_path / "pref.yaml").adapter.dropout == 0.05
+    raw["objective"] = {"loss": "rlhf"}
+    raw["rollout"] = {"reward_model": str(tmp_path), "max_new_tokens": 8}
+    (tmp_path / "rlhf.yaml").write_text(yaml.safe_dump(raw))
+    assert load_recipe(tmp_path / "rlhf.yaml").adapter.dropout == 0.0

@@ -67,6 +67,15 @@ def test_another_base_model_is_refused(cli, tmp_path: Path, reward_run: Path) ->
     assert not (tmp_path / "run").exists()
 
 
+def test_a_reward_model_trained_on_shorter_texts_is_refused(cli, tmp_path: Path, reward_run: Path) -> None:
+    fake = _fake_reward_run(reward_run, tmp_path, TINY_MODEL)
+    recipe = yaml.safe_load((fake / "recipe.yaml").read_text())
+    recipe["data"]["max_length"] = 32
+    (fake / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert_clean_error(cli("finetune", _write(tmp_path, fake)), "rollout.reward_model", "data.max_length=32")
+    assert not (tmp_path / "run").exists()
+
+
 def test_another_tokenizer_is_refused(cli, tmp_path: Path, reward_run: Path) -> None:
     other = tmp_path / "other-llama"
     shutil.copytree(TINY_MODEL, other)
@@ -143,6 +152,7 @@ def test_data_without_prompts_and_prompts_too_long_are_refused(cli, tmp_path: Pa
         ("rlhf", {}, {"objective": {"logps": "mean"}}, "objective.logps: rlhf's KL"),
         ("online_psipo", {"label": "bernoulli"}, {"objective": {"psi": "logit"}}, "rollout.label: a non-linear Ψ"),
         ("rlhf", {"temperature": "hot"}, {}, "rollout.temperature"),
+        ("online_psipo", {}, {"adapter": {"dropout": 0.1}}, "adapter.dropout: must be 0 for the sampling stages"),
         ("rlhf", {"reward_modle": "x"}, {}, "did you mean 'rollout.reward_model'"),
     ],
 )

@@ -93,3 +93,11 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     ends = [m for m in render.markers if response.endswith(m)]
     marker = tokenizer.convert_tokens_to_ids(max(ends, key=len)) if ends else None
     return [*ids, marker] if isinstance(marker, int) and marker not in ids else ids
+
+
+def up_to_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    """A sampled response up to and including its first stop token (what generate writes after it is padding)."""
+    for i, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[: i + 1]
+    return ids

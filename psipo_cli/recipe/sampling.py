@@ -80,6 +80,12 @@ def check_rollout(recipe: Recipe, rollout: RolloutSection) -> None:
             f"must leave room for the prompt within data.max_length={recipe.data.max_length}",
             where="rollout.max_new_tokens",
         )
+    if recipe.adapter.dropout:
+        # Samples, their log-probs at sampling time (RLOO's ratio, the KL) and the loss pass must see one policy:
+        # dropout would draw a different one each pass, and the clip would fire on noise.
+        raise UserError(
+            "must be 0 for the sampling stages (the sampled and the scored policy must be one)", "adapter.dropout"
+        )
     if recipe.objective.precompute_ref_log_probs:
         raise UserError("the samples are new every step: nothing to precompute", "objective.precompute_ref_log_probs")
     if recipe.training.prefix_sharing is True:

@@ -43,12 +43,13 @@ class ModelSection(Section):
 class AdapterSection(Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
-    dropout: float = Field(
-        0.05,
+    dropout: float | None = Field(
+        None,
         ge=0.0,
         lt=1.0,
         description="Dropout on the LoRA input, in training; every other dropout of the model is off (the policy "
-        "and the adapter-off reference must differ only by the adapter).",
+        "and the adapter-off reference must differ only by the adapter). Empty: 0.05, and 0 for rlhf and "
+        "online_psipo, which must score responses with the very policy that sampled them.",
     )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
@@ -187,6 +188,10 @@ class ObjectiveSection(Section):
         # Resolve the default here so the run's recipe.yaml records what was actually used.
         if self.logps is None and self.loss in DEFAULT_AGGREGATION:  # a reward model scores whole sequences
             self.logps = DEFAULT_AGGREGATION[self.loss]
+        if self.logps is None and self.loss == "online_psipo":
+            # Sums: online IPO's fixed point is the Nash equilibrium π* ∝ π_ref·exp(P(y ≻ π*)/τ) for sequence
+            # log-probs; with token means it would scale each response's pull by its length.
+            self.logps = "sum"
         return self
 
 
@@ -333,6 +338,13 @@ class Recipe(Section):
             )
         if self.model.quantization != "none" and self.model.dtype == "float16" and self.training.bf16:
             raise ValueError("model.dtype: float16 weights with training.bf16 mix precisions; pick one")
+        return self
+
+    @model_validator(mode="after")
+    def _default_dropout(self) -> Recipe:
+        # Resolved here so the run's recipe.yaml records what was used.
+        if self.adapter.dropout is None:
+            self.adapter.dropout = 0.0 if self.objective.loss in SAMPLING_LOSSES else 0.05
         return self
 
     @model_validator(mode="after")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from psipo_cli.data.chat import stop_token_ids
+from psipo_cli.data.chat import stop_token_ids, up_to_stop
 from psipo_cli.models.loading import ReferenceContext
 from psipo_cli.recipe.schema import Recipe
 from psipo_cli.tools.scoring import model_device, score_responses, trained_precision
@@ -74,12 +74,8 @@ def sampling_config(tokenizer: Any, max_new_tokens: int) -> Any:
 
 
 def _responses(sequences: Tensor, prompt_length: int, stop_ids: list[int]) -> list[list[int]]:
-    """Each sampled row's response tokens, up to and including its first stop token (generate pads after it)."""
-    out = []
-    for row in sequences[:, prompt_length:].tolist():
-        ends = [i for i, token in enumerate(row) if token in stop_ids]
-        out.append(row[: ends[0] + 1] if ends else row)
-    return out
+    """Each sampled row's response tokens, up to and including its first stop token."""
+    return [up_to_stop(row, stop_ids) for row in sequences[:, prompt_length:].tolist()]
 
 
 @dataclass

@@ -18,6 +18,7 @@ from torch import Tensor
 from transformers import LogitsProcessor, LogitsProcessorList
 from trl.models import unwrap_model_for_generation
 
+from psipo_cli.data.chat import up_to_stop
 from psipo_cli.models.loading import use_adapter
 
 
@@ -42,6 +43,7 @@ class MixtureLogits(LogitsProcessor):
                 position_ids=positions[:, self.seen :],
                 cache=self.cache,
                 use_cache=True,
+                logits_to_keep=1,  # only the next token's: not (B, prompt length, vocabulary) on the first call
             )
         self.cache, self.seen = out.cache, input_ids.size(1)
         reference = out.logits[:, -1].float().log_softmax(-1)
@@ -53,6 +55,7 @@ class MixtureSampling:
 
     rollout: Any
     accelerator: Any
+    model: Any
     model_wrapped: Any
     args: Any
     generation_config: Any
@@ -61,7 +64,8 @@ class MixtureSampling:
     _tokenizer: Any
 
     def _generate_single_turn(self, prompt_ids: list[list[int]], images: Any, multimodal_fields: dict) -> Any:
-        if not self.rollout.mixture:
+        # Evaluation samples π itself: its reward and KL are the policy's, not the mixture's.
+        if not self.rollout.mixture or not self.model.training:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields)  # type: ignore[misc]
         device = self.accelerator.device
         rows = [torch.tensor(ids) for ids in prompt_ids]
@@ -87,12 +91,4 @@ class MixtureSampling:
                 generation_config=self.generation_config,
                 logits_processor=LogitsProcessorList([mixture]),
             )
-        return [_up_to_stop(row.tolist(), self.eos_token_ids) for row in out[:, input_ids.size(1) :].cpu()]
-
-
-def _up_to_stop(ids: list[int], stops: list[int]) -> list[int]:
-    """The response up to and including its first stop token (what follows is padding)."""
-    for i, token in enumerate(ids):
-        if token in stops:
-            return ids[: i + 1]
-    return ids
+        return [up_to_stop(row.tolist(), self.eos_token_ids) for row in out[:, input_ids.size(1) :].cpu()]

@@ -20,6 +20,7 @@ import torch
 from accelerate import PartialState
 from torch import Tensor
 from trl import RLOOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 
 from psipo_cli.models.loading import disable_base_dropout, use_adapter
 from psipo_cli.objectives import margin, pair_losses, sequence_logps
@@ -67,11 +68,19 @@ class OnlinePsipoTrainer(MixtureSampling, ResumableSamples, RLOOTrainer):
             p_hat = torch.bernoulli(p_hat)
         ids = torch.cat([prompt_ids, out["completion_ids"]], dim=1)
         mask = torch.cat([out["prompt_mask"], completion_mask], dim=1)
-        with torch.no_grad(), self._reference():
-            ref_tokens, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, mask, completion_mask.size(1))
-        ref = (ref_tokens * completion_mask).sum(1)
         mode = "train" if self.model.training else "eval"
+        batch = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._reference(),
+        ):  # in micro-batches, as RLOO's own passes over a batch of samples
+            ref_tokens, _, _ = self._get_per_token_logps_and_entropies(
+                self.model, ids, mask, completion_mask.size(1), batch_size=batch
+            )
+        ref = (ref_tokens * completion_mask).sum(1)
         # Σ_t log π/π_ref of each sample: its KL estimate (old_logps are the policy's log-probs at sampling time).
+        # With an IPO-MD mixture the training samples come from π_β, so this (and the reward) describe them.
         kl = self.accelerator.gather(out["old_logps"] - ref)
         self._metrics[mode]["kl_sequence"].append(kl.mean().item())
         self._metrics[mode]["p_hat"].append(self.accelerator.gather(p_hat).mean().item())
@@ -120,7 +129,10 @@ class OnlinePsipoTrainer(MixtureSampling, ResumableSamples, RLOOTrainer):
         if mode == "eval":
             values["loss"] = losses.detach()
         for key, value in values.items():
-            self._metrics[mode][key].extend(self.accelerator.gather_for_metrics(value.detach()).float().tolist())
+            # gather_for_metrics trims the sampler's repeats counted in responses: two rows per pair.
+            rows = value.detach().repeat_interleave(2) if key != "entropy" else value.detach()
+            gathered = self.accelerator.gather_for_metrics(rows).float()
+            self._metrics[mode][key].extend((gathered if key == "entropy" else gathered[0::2]).tolist())
 
 
 def build_online_trainer(prepared: Prepared, model: Any = None) -> OnlinePsipoTrainer:

@@ -2,9 +2,10 @@
 
 Both build on TRL's RLOOTrainer, which samples `rollout.responses_per_prompt` responses per prompt from the
 current policy, scores them with reward functions and keeps the sampled batch for `rollout.iterations` passes.
-psipo's reward function is the trained Bradley–Terry model of a `psipo finetune` reward run, scoring exactly the
-tokens it was trained and labels on (`reward.reward_ids`: prompt + response text, EOS appended), not TRL's
-own reward-model path, which scores the text without the EOS whose position the scalar head was trained to read.
+psipo's reward function is the trained Bradley–Terry model of a `psipo finetune` reward run, scoring the text as
+it was trained and labels on (`reward.reward_ids`: prompt + response, EOS appended, cut to its max_length). TRL's
+own reward-model path decodes responses without special tokens, dropping a chat response's end-of-turn marker
+that the reward model's training pairs carried, and does not cut.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def reward_run(recipe: Recipe, tokenizer: Any) -> tuple[Recipe, Path]:
     )
     if not same:  # TRL's sampler hands the reward function the policy's tokens
         raise UserError("the reward model's tokenizer differs from the policy's (vocabulary, EOS or template)", where)
+    if reward_recipe.data.max_length < recipe.data.max_length:
+        raise UserError(
+            f"the reward model was trained on data.max_length={reward_recipe.data.max_length} tokens; a prompt and "
+            f"response here may take {recipe.data.max_length}, and would be scored cut",
+            where=where,
+        )
     if (recipe.model.name_or_path, recipe.model.revision) != (theirs.name_or_path, theirs.revision):
         raise UserError(
             f"the reward model was trained on {theirs.name_or_path}, the policy is {recipe.model.name_or_path}; "
@@ -76,10 +83,7 @@ class RewardModelScore:
         # as in the reward model's training pairs.
         responses = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=False)
         ids = [reward_ids(self.tokenizer, p, r, self.max_length)[0] for p, r in zip(prompts, responses, strict=True)]
-        return score_ids(self.model, self.tokenizer.pad_token_id, ids, batch_size=len(ids))
-
-    def scores(self, prompts: list[str], completion_ids: list[list[int]]) -> torch.Tensor:
-        return torch.tensor(self(prompts, completion_ids))
+        return score_ids(self.model, self.tokenizer.pad_token_id, ids)
 
 
 class ResumableSamples:
@@ -105,9 +109,15 @@ class ResumableSamples:
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)  # type: ignore[misc]
-        if checkpoint is not None and self._samples_file(checkpoint).is_file():
-            saved = torch.load(self._samples_file(checkpoint), weights_only=True, map_location=self.accelerator.device)
-            self._step, self._buffered_inputs = saved["step"], saved["batch"]
+        if checkpoint is None:
+            return
+        if not self._samples_file(checkpoint).is_file():
+            # Resuming without it would sample afresh on this process only, and the processes' collectives part.
+            raise UserError(
+                f"has no {self._samples_file(checkpoint).name}: resume from an earlier checkpoint", checkpoint
+            )
+        saved = torch.load(self._samples_file(checkpoint), weights_only=True, map_location=self.accelerator.device)
+        self._step, self._buffered_inputs = saved["step"], saved["batch"]
 
 
 def rollout_arguments(recipe: Recipe, has_eval: bool, **stage_specific: Any) -> RLOOConfig:

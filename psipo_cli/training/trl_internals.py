@@ -29,25 +29,14 @@ import dis
 import importlib
 import inspect
 import types
-from dataclasses import dataclass
 from typing import Any
 
 from psipo_cli.errors import UserError
-
-
-@dataclass(frozen=True)
-class Hook:
-    where: str  # the module, class or function the name lives on (importable dotted path)
-    name: str
-    kind: str  # how `check` verifies it (see the module docstring)
-    used_by: str  # psipo files relying on it
-    used_for: str
-    why_private: str  # why no public API serves
-
+from psipo_cli.training.hook import Hook
+from psipo_cli.training.trl_rloo_hooks import RLOO_HOOKS
 
 DPO = "trl.trainer.dpo_trainer.DPOTrainer"
 REWARD = "trl.trainer.reward_trainer.RewardTrainer"
-RLOO = "trl.trainer.rloo_trainer.RLOOTrainer"
 
 HOOKS: tuple[Hook, ...] = (
     Hook(
@@ -230,103 +219,6 @@ HOOKS: tuple[Hook, ...] = (
         "private method",
     ),
     Hook(
-        RLOO + "._generate_and_score_completions",
-        "self, inputs",
-        "parameters",
-        "training/rlhf.py, training/online.py",
-        "extended: rlhf logs the sequence KL; online_psipo turns the sampled responses into labelled pairs with "
-        "their reference log-probs, the batch its own loss step reads",
-        "TRL has no hook between sampling and the loss step",
-    ),
-    Hook(
-        RLOO + "._generate_and_score_completions",
-        "old_logps",
-        "names",
-        "training/online.py",
-        "the sampled responses' policy log-probs at sampling time: each sample's KL estimate",
-        "a key of the private batch dict",
-    ),
-    Hook(
-        RLOO + "._compute_loss",
-        "self, model, inputs",
-        "parameters",
-        "training/online.py",
-        "replaced by the ΨPO loss step on pairs (objectives.pair_losses)",
-        "the public compute_loss only forwards to it",
-    ),
-    Hook(
-        RLOO + "._calculate_rewards",
-        "self, inputs, prompts, completions, completion_ids_list",
-        "parameters",
-        "training/online.py",
-        "the raw reward of every process's samples, kept to label pairs",
-        "RLOO folds rewards into advantages without returning them",
-    ),
-    Hook(
-        RLOO + "._get_per_token_logps_and_entropies",
-        "self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss",
-        "parameters",
-        "training/online.py",
-        "per-token log-probs (policy and reference) through TRL's fused head, as RLOO computes its own",
-        "private method",
-    ),
-    Hook(
-        RLOO + "._generate_single_turn",
-        "self, prompt_ids, images, multimodal_fields",
-        "parameters",
-        "training/mixture.py",
-        "replaced when sampling from the IPO-MD mixture (a logits processor needs its own generate call)",
-        "TRL takes no logits processors",
-    ),
-    Hook(
-        RLOO + "._prepare_inputs",
-        "_buffered_inputs",
-        "names",
-        "training/rollout.py",
-        "the batch of samples still in use is saved with a checkpoint and restored on resume",
-        "RLOO keeps it in memory only",
-    ),
-    Hook(
-        RLOO + "._prepare_inputs",
-        "_step",
-        "names",
-        "training/rollout.py",
-        "the micro-step counter deciding when to sample again, saved and restored with the batch",
-        "private counter, reset to 0 on resume",
-    ),
-    Hook(
-        RLOO + "._generate_and_score_completions",
-        "_metrics",
-        "names",
-        "training/rlhf.py, training/online.py",
-        "per-batch values (kl_sequence, p_hat, margin) averaged into each log like TRL's own",
-        "TRL's metric store; log_metric only averages scalars per call",
-    ),
-    Hook(
-        "transformers.Trainer._save_rng_state",
-        "self, output_dir",
-        "parameters",
-        "training/rollout.py",
-        "extended to save the batch of samples in use beside each process's RNG state",
-        "the only per-process step of checkpoint saving; callbacks run on the main process's schedule",
-    ),
-    Hook(
-        "transformers.Trainer._load_rng_state",
-        "self, checkpoint",
-        "parameters",
-        "training/rollout.py",
-        "extended to restore that batch when the RNG state is restored",
-        "called at the point of resume where restored state takes effect",
-    ),
-    Hook(
-        "trl.models.utils.unwrap_model_for_generation",
-        "model, accelerator, gather_deepspeed3_params, generation_kwargs, gradient_checkpointing_kwargs",
-        "parameters",
-        "training/mixture.py",
-        "the model gathered (ZeRO-3) and unwrapped for the mixture's generate call, as RLOO's own",
-        "exported but undocumented",
-    ),
-    Hook(
         "transformers.PretrainedConfig",
         "_attn_implementation",
         "attribute",
@@ -342,6 +234,7 @@ HOOKS: tuple[Hook, ...] = (
         "a test sets a hub-kernel name directly, without registering a kernel",
         "the storage behind the property above",
     ),
+    *RLOO_HOOKS,  # the sampling stages' (rlhf, online_psipo), in their own table
 )
 
 
