@@ -17,18 +17,16 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from accelerate import PartialState
 from torch import Tensor
 from trl import RLOOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from psipo_cli.models.loading import disable_base_dropout, use_adapter
+from psipo_cli.models.loading import use_adapter
 from psipo_cli.objectives import margin, pair_losses, sequence_logps
 from psipo_cli.recipe.schema import ObjectiveSection, RolloutSection
-from psipo_cli.training.distributed import prepare_zero3_init
 from psipo_cli.training.inputs import Prepared
 from psipo_cli.training.mixture import MixtureSampling
-from psipo_cli.training.rollout import ResumableSamples, RewardModelScore, load_rollout_policy, rollout_arguments
+from psipo_cli.training.rollout import ResumableSamples, build_sampling_trainer
 
 
 def _pairs(t: Tensor) -> Tensor:
@@ -136,24 +134,9 @@ class OnlinePsipoTrainer(MixtureSampling, ResumableSamples, RLOOTrainer):
 
 
 def build_online_trainer(prepared: Prepared, model: Any = None) -> OnlinePsipoTrainer:
-    """The online_psipo stage's trainer; `model` (e.g. a reloaded PeftModel) replaces loading the recipe's."""
-    recipe, tokenizer = prepared.recipe, prepared.tokenizer
-    assert recipe.rollout is not None
-    reward = RewardModelScore(recipe, tokenizer, PartialState().device)  # before zero.Init: see rlhf.py
-    # β = 0: RLOO's own reference pass and KL reward are off; this trainer computes the reference log-probs itself.
-    args = rollout_arguments(recipe, prepared.eval is not None, beta=0.0)
-    prepare_zero3_init(args)
-    model, peft_config = load_rollout_policy(recipe, tokenizer, model)
-    trainer = OnlinePsipoTrainer(
-        model=model,
-        reward_funcs=reward,
-        args=args,
-        train_dataset=prepared.train.dataset,
-        eval_dataset=prepared.eval.dataset if prepared.eval else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        objective=recipe.objective,
-        rollout=recipe.rollout,
+    """The online_psipo stage's trainer. β = 0: RLOO's own reference pass and KL reward are off; this trainer
+    computes the reference log-probs itself."""
+    recipe = prepared.recipe
+    return build_sampling_trainer(
+        OnlinePsipoTrainer, prepared, model, {"beta": 0.0}, objective=recipe.objective, rollout=recipe.rollout
     )
-    disable_base_dropout(trainer.model)
-    return trainer

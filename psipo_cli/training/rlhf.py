@@ -13,13 +13,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from accelerate import PartialState
 from trl import RLOOTrainer
 
-from psipo_cli.models.loading import disable_base_dropout
-from psipo_cli.training.distributed import prepare_zero3_init
 from psipo_cli.training.inputs import Prepared
-from psipo_cli.training.rollout import ResumableSamples, RewardModelScore, load_rollout_policy, rollout_arguments
+from psipo_cli.training.rollout import ResumableSamples, build_sampling_trainer
 
 
 class RlhfTrainer(ResumableSamples, RLOOTrainer):
@@ -37,24 +34,8 @@ class RlhfTrainer(ResumableSamples, RLOOTrainer):
 
 
 def build_rlhf_trainer(prepared: Prepared, model: Any = None) -> RlhfTrainer:
-    """The rlhf stage's trainer; `model` (e.g. a reloaded PeftModel) replaces loading the recipe's."""
-    recipe, tokenizer = prepared.recipe, prepared.tokenizer
-    assert recipe.rollout is not None
-    # Before the arguments: under ZeRO-3 they switch on zero.Init, which would shard the frozen reward model too.
-    reward = RewardModelScore(recipe, tokenizer, PartialState().device)
-    args = rollout_arguments(
-        recipe, prepared.eval is not None, beta=recipe.objective.tau, epsilon=recipe.rollout.clip_epsilon
-    )
-    prepare_zero3_init(args)
-    model, peft_config = load_rollout_policy(recipe, tokenizer, model)
-    trainer = RlhfTrainer(
-        model=model,
-        reward_funcs=reward,
-        args=args,
-        train_dataset=prepared.train.dataset,
-        eval_dataset=prepared.eval.dataset if prepared.eval else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-    disable_base_dropout(trainer.model)
-    return trainer
+    """The rlhf stage's trainer: τ is RLOO's β on the sequence KL, ε its clip range."""
+    rollout = prepared.recipe.rollout
+    assert rollout is not None
+    arguments = {"beta": prepared.recipe.objective.tau, "epsilon": rollout.clip_epsilon}
+    return build_sampling_trainer(RlhfTrainer, prepared, model, arguments)

@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from trl import RLOOConfig
 
 from psipo_cli.data.chat import stop_token_ids
 from psipo_cli.errors import UserError
-from psipo_cli.models.loading import attach_adapter, load_base_model, load_tokenizer
+from psipo_cli.models.loading import attach_adapter, disable_base_dropout, load_base_model, load_tokenizer
 from psipo_cli.recipe.schema import Recipe
 from psipo_cli.training.arguments import trainer_arguments
+from psipo_cli.training.distributed import prepare_zero3_init
 from psipo_cli.training.inputs import Prepared
 from psipo_cli.training.reward import load_reward_model, resolve_reward_run, reward_ids, score_ids
 
@@ -148,3 +150,28 @@ def load_rollout_policy(recipe: Recipe, tokenizer: Any, model: Any = None) -> tu
         model, peft_config = attach_adapter(load_base_model(recipe), recipe.adapter)
     model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     return model, peft_config
+
+
+def build_sampling_trainer(
+    trainer_class: type, prepared: Prepared, model: Any, arguments: dict[str, Any], **trainer_kwargs: Any
+) -> Any:
+    """A sampling stage's trainer (`trainer_class`, an RLOOTrainer): `arguments` are its RLOOConfig settings beyond
+    the recipe's; `model` (e.g. a reloaded PeftModel) replaces loading the recipe's."""
+    recipe, tokenizer = prepared.recipe, prepared.tokenizer
+    # Before the arguments: under ZeRO-3 they switch on zero.Init, which would shard the frozen reward model too.
+    reward = RewardModelScore(recipe, tokenizer, PartialState().device)
+    args = rollout_arguments(recipe, prepared.eval is not None, **arguments)
+    prepare_zero3_init(args)
+    model, peft_config = load_rollout_policy(recipe, tokenizer, model)
+    trainer = trainer_class(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=prepared.train.dataset,
+        eval_dataset=prepared.eval.dataset if prepared.eval else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        **trainer_kwargs,
+    )
+    disable_base_dropout(trainer.model)
+    return trainer
