@@ -4,7 +4,8 @@ For each prompt two responses y, y′ are sampled from π (or, with rollout.mixt
 mixture π^(1−β)·π_ref^β: IPO-MD), gradients stopped through the sampling; the reward model labels the pair
 p̂ = σ(r(y) − r(y′)) (Bradley–Terry, eq. 4), or a draw of 1 with that probability (rollout.label: bernoulli); and
 the loss is the very `pair_losses` of `objectives` on h(y, y′), so identity Ψ regresses h to (p̂ − ½)/τ: online
-IPO, whose fixed point is the KL-regularised Nash equilibrium π*(y) ∝ π_ref(y)·exp(P(y ≻ π*)/τ).
+IPO, whose fixed point is the KL-regularised Nash equilibrium π*(y) ∝ π_ref(y)·exp(P(y ≻ π*)/τ) when h is
+made of sequence log-probs (objective.logps: sum, this stage's default).
 
 TRL's RLOOTrainer does the sampling, the reward calls, the reuse of a batch for rollout.iterations passes and the
 sampler that keeps a prompt's responses together on one process; this trainer owns what it hands the loss step
