@@ -152,6 +152,8 @@ def test_data_without_prompts_and_prompts_too_long_are_refused(cli, tmp_path: Pa
         ("rlhf", {}, {"objective": {"logps": "mean"}}, "objective.logps: rlhf's KL"),
         ("online_psipo", {"label": "bernoulli"}, {"objective": {"psi": "logit"}}, "rollout.label: a non-linear Ψ"),
         ("rlhf", {"temperature": "hot"}, {}, "rollout.temperature"),
+        ("rlhf", {}, {"objective": {"psi": "logit"}}, "objective.psi: rlhf has no Ψ"),
+        ("online_psipo", {}, {"data": {"columns": {"label": "p"}}}, "data.columns: the sampling stages label"),
         ("online_psipo", {}, {"adapter": {"dropout": 0.1}}, "adapter.dropout: must be 0 for the sampling stages"),
         ("rlhf", {"reward_modle": "x"}, {}, "did you mean 'rollout.reward_model'"),
     ],

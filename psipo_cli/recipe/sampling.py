@@ -80,6 +80,10 @@ def check_rollout(recipe: Recipe, rollout: RolloutSection) -> None:
             f"must leave room for the prompt within data.max_length={recipe.data.max_length}",
             where="rollout.max_new_tokens",
         )
+    if recipe.data.columns.has_labels:
+        raise UserError("the sampling stages label their own samples with the reward model", "data.columns")
+    if loss == "rlhf" and recipe.objective.psi != "identity":
+        raise UserError("rlhf has no Ψ: it maximises the reward model's r (eq. 6)", where="objective.psi")
     if recipe.adapter.dropout:
         # Samples, their log-probs at sampling time (RLOO's ratio, the KL) and the loss pass must see one policy:
         # dropout would draw a different one each pass, and the clip would fire on noise.

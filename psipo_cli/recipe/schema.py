@@ -128,7 +128,8 @@ class DataSection(Section):
     max_length: int = Field(512, ge=8, description="Longest prompt+response in tokens; longer pairs are truncated.")
     too_long: Literal["drop", "error"] = Field(
         "drop",
-        description="A prompt that alone fills max_length leaves nothing to learn: drop it (counted), or fail.",
+        description="A prompt that alone fills max_length leaves nothing to learn (for rlhf and online_psipo: one "
+        "longer than max_length − rollout.max_new_tokens): drop it (counted), or fail.",
     )
 
 
