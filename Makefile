@@ -12,7 +12,7 @@ CONSTRAINTS := psipo_cli/constraints.txt
 # Left out of the constraints: the torch build differs by machine (CPU wheel here, CUDA on GPUs) and brings these.
 UNPINNED := ^(torch|triton|nvidia-[a-z0-9-]+|psipo)==
 
-.PHONY: install constraints demo test test-fast lint format docs check bench assets paper clean
+.PHONY: install constraints demo test test-fast lint format docs check bench assets paper frontier clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ bench: install
 # IPO vs DPO margins on the tiny model at three τ: docs/paper-margins.png and .md (about 2 minutes on 2 cores)
 paper: install
 	$(BIN)/python scripts/paper_margins.py
+
+# DPO, IPO, ΨPO, RLHF and online IPO judged by a gold preference: docs/frontier{.json,.md,.png,-training.png} (~15 min, 2 cores)
+frontier: install
+	$(BIN)/psipo frontier --out docs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

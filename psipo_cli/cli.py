@@ -340,6 +340,36 @@ def bandit(
         stdout.print(f"plot: {plot}", markup=False)
 
 
+@app.command()
+def frontier(
+    out: Annotated[Path, typer.Option(help="Folder for frontier.json, frontier.md and the two figures.")] = Path(
+        "docs"
+    ),
+    quick: Annotated[
+        bool, typer.Option(help="A small version (one τ, one seed, a few steps): the test suite's.")
+    ] = False,
+    tau: Annotated[list[float] | None, typer.Option(help="τ; repeat for several (default: 0.01, 0.05, 0.25).")] = None,
+    method: Annotated[
+        list[str] | None,
+        typer.Option(help="dpo, ipo, psipo-logit, rlhf, online-ipo, dpo-soft, ipo-soft; repeat (default: all)."),
+    ] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds: data draw, reward model, training (default: 2).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps per run (default: 240).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Runs trained at once, one CPU thread each (default: 2).")] = None,
+    work: Annotated[
+        Path | None,
+        typer.Option(help="Keep the runs in this new folder (default: a temporary one).", show_default=False),
+    ] = None,
+) -> None:
+    """The paper's claim on generations: DPO, IPO, ΨPO, RLHF and online IPO judged by a known gold preference."""
+    from psipo_cli.paper.frontier import Settings
+    from psipo_cli.paper.frontier_run import run_experiment
+
+    settings = Settings.from_options(quick, taus=tau, methods=method, seeds=seeds, steps=steps, workers=workers)
+    for path in run_experiment(settings, out, work, lambda line: stdout.print(line, markup=False)):
+        stdout.print(f"wrote {path}", markup=False)
+
+
 def main() -> None:
     """Entry point: user errors become one line and exit code 2; `PSIPO_DEBUG=1` shows the traceback.
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from psipo_cli.data.chat import stop_token_ids, up_to_stop
 from psipo_cli.models.loading import ReferenceContext
@@ -73,9 +73,29 @@ def sampling_config(tokenizer: Any, max_new_tokens: int) -> Any:
     )
 
 
-def _responses(sequences: Tensor, prompt_length: int, stop_ids: list[int]) -> list[list[int]]:
-    """Each sampled row's response tokens, up to and including its first stop token."""
-    return [up_to_stop(row, stop_ids) for row in sequences[:, prompt_length:].tolist()]
+def sample_responses(
+    model: Any, prompts: list[list[int]], per_prompt: int, config: Any, max_rows: int = 256
+) -> list[list[list[int]]]:
+    """`per_prompt` responses to each prompt (token ids up to and including the first stop token), from `model` as
+    it is. Prompts of one token length are sampled together, at most `max_rows` rows a batch: no row is padded, so
+    every response is drawn from the same distribution as when each prompt is sampled on its own (not the same
+    draws: the random stream differs).
+    """
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for index, prompt in enumerate(prompts):
+        by_length[len(prompt)].append(index)
+    per_batch = max(1, max_rows // per_prompt)
+    batches = [
+        (n, group[i : i + per_batch]) for n, group in sorted(by_length.items()) for i in range(0, len(group), per_batch)
+    ]
+    out: list[list[list[int]]] = [[] for _ in prompts]
+    for length, indices in batches:
+        ids = torch.tensor([prompts[i] for i in indices], device=model_device(model)).repeat_interleave(per_prompt, 0)
+        rows = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        responses = [up_to_stop(row, config.eos_token_id) for row in rows[:, length:].tolist()]
+        for k, index in enumerate(indices):
+            out[index] = responses[k * per_prompt : (k + 1) * per_prompt]
+    return out
 
 
 @dataclass
@@ -108,13 +128,9 @@ def _sample(
     config = sampling_config(tokenizer, max_new_tokens)
     stop_ids = config.eos_token_id
     samples = Samples([], [], [], [])
-    for text, prompt in prompts:
-        input_ids = torch.tensor([prompt] * per_prompt, device=model_device(model))
-        with reference() if from_reference else contextlib.nullcontext(), trained_precision(model, recipe):
-            sequences = model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
-            )
-        responses = _responses(sequences, len(prompt), stop_ids)
+    with reference() if from_reference else contextlib.nullcontext(), trained_precision(model, recipe):
+        groups = sample_responses(model, [ids for _, ids in prompts], per_prompt, config)
+    for (text, prompt), responses in zip(prompts, groups, strict=True):
         logp, logp_ref = score_responses(model, reference, prompt, responses, recipe, tokenizer.pad_token_id)
         samples.lengths += [len(r) for r in responses]
         samples.ended += [bool(r) and r[-1] in stop_ids for r in responses]
