@@ -158,6 +158,12 @@ CASES: list[tuple[str, Maker, tuple[str, ...]]] = [
     ("override-unparsable", recipe("objective.tau=[1"), ("objective.tau", "cannot parse")),
     ("override-no-equals", recipe("objective.tau"), ("objective.tau", "key.path=value")),
     ("override-empty-key", recipe("=1"), ("key.path=value",)),
+    (
+        "packing-without-sharing",
+        recipe("training.pack_tokens=256", "training.prefix_sharing=false"),
+        ("training.pack_tokens", "prefix_sharing: auto or true"),
+    ),
+    ("packing-too-small", recipe("training.pack_tokens=4"), ("training.pack_tokens", "greater than or equal to 8")),
     ("override-into-scalar", recipe("objective.tau.x=1"), ("'objective.tau' has no sub-keys",)),
     ("override-bad-value", recipe("training.max_steps=many"), ("training.max_steps", "integer")),
     # --- data files

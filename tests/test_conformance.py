@@ -160,3 +160,55 @@ def test_concatenated_from_shared_rebuilds_trls_rows() -> None:
     for key in ("input_ids", "attention_mask", "completion_mask"):
         assert torch.equal(rebuilt[key][:, :width], trl[key]), key
         assert not rebuilt[key][:, width:].any() or key == "input_ids"
+
+
+PACKED_CELLS = [
+    *[(name, kernel) for name in ARCHITECTURES if name not in FALLS_BACK for kernel in ("eager", "sdpa")],
+    ("llama", "flex_attention"),  # the BlockMask path: blocks between packed pairs skipped, not masked
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "kernel"), PACKED_CELLS)
+def test_packed_rows_equal_the_concatenated_ones(name: str, kernel: str) -> None:
+    """Several pairs per row (no attention between them, positions restarting) give each pair the concatenated
+    layout's log-probs, windows and local/global layers included."""
+    if (name, kernel) in NOT_IN_TRANSFORMERS:
+        pytest.skip(f"transformers has no {kernel} for {name}")
+    model, examples = _model(name, kernel), _examples()
+    concat, packed = ConcatenatedForward(), PrefixSharedForward(row_tokens=80)
+    batch = packed.collator(PAD, None)(examples)
+    assert 1 < batch["input_ids"].size(0) < len(examples)  # several pairs share a row
+    with torch.no_grad():
+        plain = concat(model, concat.collator(PAD, None)(examples))
+        got = packed(model, batch)
+    for a, b in ((got.chosen, plain.chosen), (got.rejected, plain.rejected)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.chosen_tokens, plain.chosen_tokens) and torch.equal(
+        got.rejected_tokens, plain.rejected_tokens
+    )
+
+
+@pytest.mark.slow
+def test_packed_rows_give_the_concatenated_lora_gradients() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    examples = _examples()
+    grads = []
+    for step, collate in (
+        (ConcatenatedForward(), ConcatenatedForward().collator(PAD, None)),
+        (PrefixSharedForward(row_tokens=80), PrefixSharedForward(row_tokens=80).collator(PAD, None)),
+    ):
+        torch.manual_seed(1)
+        model = get_peft_model(
+            _model("qwen2 (window on layer 2)", "sdpa"), LoraConfig(r=4, target_modules="all-linear")
+        )
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.data.normal_(0, 0.1)  # B = 0 at init would give A no gradient
+        out = step(model, collate(examples))
+        (out.chosen.sum() - 0.5 * out.rejected.sum()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)

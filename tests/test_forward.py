@@ -91,3 +91,20 @@ def test_precomputed_reference_is_cached_and_reused_on_a_rerun(write_recipe, mon
     monkeypatch.setattr(PsipoTrainer, "compute_ref_log_probs", must_not_run)
     again = build_trainer(prepare(recipe))  # same model, data and settings: the cache answers
     assert again.train_dataset["ref_chosen_logps"] == first.train_dataset["ref_chosen_logps"]
+
+
+def test_training_on_packed_rows_follows_the_concatenated_run(write_recipe, tmp_path: Path) -> None:
+    """training.pack_tokens: the run's losses and final margins equal the unpacked concatenated run's."""
+    from psipo_cli.run.directory import read_metrics
+    from psipo_cli.training.finetune import run
+
+    losses, layouts = [], []
+    for name, overrides in (("packed", ["training.pack_tokens=96"]), ("plain", ["training.prefix_sharing=false"])):
+        out = tmp_path / name
+        summary = run(load_recipe(write_recipe(), [*overrides, f"output.dir={out}"]))
+        losses.append([m["loss"] for m in read_metrics(out) if m["split"] == "train"])
+        layouts.append(summary["layout"]["layout"])
+    assert layouts == ["prefix-shared", "concatenated"]
+    assert len(losses[0]) == 4
+    for a, b in zip(*losses, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)

@@ -27,9 +27,13 @@ def _shared_batch() -> dict[str, torch.Tensor]:
     return PrefixSharedForward().collator(0, None)(examples)
 
 
+def _allowed(batch: dict[str, torch.Tensor], window: int | None) -> torch.Tensor:
+    return allowed(batch["branch"], batch["visible"], batch["position_ids"], window, batch["segment"])
+
+
 def test_the_shared_mask_is_the_two_sequences_attention_written_out() -> None:
     batch = _shared_batch()
-    mask = allowed(batch["branch"], batch["visible"], batch["position_ids"], None)[0, 0]
+    mask = _allowed(batch, None)[0, 0]
     # Row [p0 p1 p2 | c0 c1 | p2' r0 r1 r2]: indices 0-2 prompt, 3-4 chosen, 5 p', 6-8 rejected.
     expected = torch.zeros(9, 9, dtype=torch.bool)
     for i in range(3):
@@ -40,13 +44,35 @@ def test_the_shared_mask_is_the_two_sequences_attention_written_out() -> None:
         expected[i, :2] = True  # the rejected branch sees the prompt but its last token ...
         expected[i, 5 : i + 1] = True  # ... which p' replaces, and itself; never the chosen tokens
     assert torch.equal(mask, expected)
-    padded = allowed(batch["branch"], batch["visible"], batch["position_ids"], None)[1, 0]
+    padded = _allowed(batch, None)[1, 0]
     assert padded[5:, :].sum() == 4 and all(padded[i, i] for i in range(5, 9))  # padding sees itself only
+
+
+def test_packed_pairs_never_see_each_other() -> None:
+    """Both pairs of `_shared_batch` packed into one row: each pair's block is its own shared mask, nothing between
+    them, positions restart at the second pair, and the rule of flex is the same."""
+    examples = [
+        {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10, 11, 12]},
+        {"prompt_ids": [5, 6], "chosen_ids": [8], "rejected_ids": [10]},
+    ]
+    packed = PrefixSharedForward(row_tokens=64).collator(0, None)(examples)
+    single = _shared_batch()
+    assert packed["input_ids"].shape == (1, 9 + 5)
+    assert packed["pair"][0].tolist() == [0] * 9 + [1] * 5 and packed["segment"][0].tolist() == [0] * 9 + [1] * 5
+    assert packed["position_ids"][0, 9:].tolist() == single["position_ids"][1, :5].tolist()
+    mask = _allowed(packed, None)[0, 0]
+    alone = _allowed(single, None)[:, 0]
+    assert torch.equal(mask[:9, :9], alone[0]) and torch.equal(mask[9:, 9:], alone[1, :5, :5])
+    assert not mask[9:, :9].any() and not mask[:9, 9:].any()
+    rule = mask_mod(packed["branch"], packed["visible"], packed["position_ids"], None, packed["segment"])
+    assert torch.equal(create_mask(rule, 1, 1, 14, 14, device="cpu"), _allowed(packed, None))
+    # A budget smaller than the two pairs together: a row each, as without packing.
+    assert PrefixSharedForward(row_tokens=10).collator(0, None)(examples)["input_ids"].shape == (2, 9)
 
 
 def test_a_sliding_window_is_measured_on_position_ids() -> None:
     batch = _shared_batch()
-    mask = allowed(batch["branch"], batch["visible"], batch["position_ids"], 2)[0, 0]
+    mask = _allowed(batch, 2)[0, 0]
     # r2 sits at position 5 (p' is at 2): with a window of 2 it sees positions 4 and 5 only, i.e. r1 and itself.
     assert mask[8].nonzero().flatten().tolist() == [7, 8]
     assert mask[5].nonzero().flatten().tolist() == [1, 5]  # p' (position 2) sees prompt position 1 and itself
@@ -55,9 +81,9 @@ def test_a_sliding_window_is_measured_on_position_ids() -> None:
 def test_the_flex_mask_mod_is_the_same_rule() -> None:
     batch = _shared_batch()
     for window in (None, 2):
-        rule = mask_mod(batch["branch"], batch["visible"], batch["position_ids"], window)
+        rule = mask_mod(batch["branch"], batch["visible"], batch["position_ids"], window, batch["segment"])
         flex = create_mask(rule, 2, 1, 9, 9, device="cpu")
-        assert torch.equal(flex, allowed(batch["branch"], batch["visible"], batch["position_ids"], window))
+        assert torch.equal(flex, _allowed(batch, window))
 
 
 class EngineLike(torch.nn.Module):
@@ -75,8 +101,9 @@ def test_the_kernel_is_read_from_the_model_inside_any_wrapper(write_recipe) -> N
     assert attention_kernel(EngineLike(trainer.model)) == "eager"  # through an engine with its own config
 
 
-def _boolean_for_eager(kernel: str, branch, visible, positions, window):  # the DeepSpeed bug, on purpose
-    return allowed(branch, visible, positions, window)
+def _boolean_for_eager(kernel: str, descriptors, window):  # the DeepSpeed bug, on purpose
+    branch, visible, positions, segment = descriptors
+    return allowed(branch, visible, positions, window, segment)
 
 
 @pytest.mark.slow

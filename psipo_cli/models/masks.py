@@ -3,10 +3,11 @@
 A shared row is described per token, not by an L×L matrix, so the collator stays cheap and flex attention (its
 block mask compiled on a GPU) needs none: `branch` (0 prompt, 1 chosen, 2 rejected incl. p', −1 padding),
 `visible` (a bit mask of the branches that may see the token: prompt tokens 0b111, the prompt's last token 0b011
-because the rejected branch sees p' instead, chosen 0b010, rejected 0b100, padding 0) and `position_ids`.
-Query i may attend key j when
+because the rejected branch sees p' instead, chosen 0b010, rejected 0b100, padding 0), `position_ids` and `segment`
+(which of the row's packed pairs the token belongs to; −1 padding). Query i may attend key j when
 
-    j ≤ i  and  bit branch[i] of visible[j] is set  [and position[i] − position[j] < window on sliding layers]
+    j ≤ i  and  segment[i] = segment[j]  and  bit branch[i] of visible[j] is set
+    [and position[i] − position[j] < window on sliding layers]
 
 and a padding query sees itself only (no empty softmax row). Models mixing full and sliding layers (Gemma-2/3,
 Qwen2 with max_window_layers) get one mask per layer type, as transformers' own `causal_mask_mapping` dict.
@@ -69,27 +70,27 @@ def _query_bit(branch: Tensor) -> Tensor:
     return torch.where(branch < 0, 3, branch.to(torch.int32)).to(torch.int32)
 
 
-def allowed(branch: Tensor, visible: Tensor, positions: Tensor, window: int | None) -> Tensor:
+def allowed(branch: Tensor, visible: Tensor, positions: Tensor, window: int | None, segment: Tensor) -> Tensor:
     """(B, 1, L, L) bool: may query i attend key j (see the module docstring)."""
     length = branch.size(1)
     index = torch.arange(length, device=branch.device)
     causal = index[:, None] >= index[None, :]  # (L, L)
     own = _query_bit(branch)[:, :, None]  # (B, L, 1)
     sees = ((visible.to(torch.int32)[:, None, :] >> own) & 1).bool()  # (B, L, L)
-    mask = causal & sees
+    mask = causal & sees & (segment[:, :, None] == segment[:, None, :])
     if window is not None:
         mask &= (positions[:, :, None] - positions[:, None, :]) < window
     mask |= torch.eye(length, dtype=torch.bool, device=branch.device) & (branch < 0)[:, :, None]
     return mask[:, None]
 
 
-def mask_mod(branch: Tensor, visible: Tensor, positions: Tensor, window: int | None) -> Any:
+def mask_mod(branch: Tensor, visible: Tensor, positions: Tensor, window: int | None, segment: Tensor) -> Any:
     """The rule of `allowed` as a flex_attention mask_mod(b, h, q, k), evaluated per block by flex."""
     own_branch = _query_bit(branch)
     bits = visible.to(torch.int32)
 
     def rule(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        ok = (q >= k) & (((bits[b, k] >> own_branch[b, q]) & 1) == 1)
+        ok = (q >= k) & (((bits[b, k] >> own_branch[b, q]) & 1) == 1) & (segment[b, q] == segment[b, k])
         if window is not None:
             ok = ok & ((positions[b, q] - positions[b, k]) < window)
         return ok | ((q == k) & (branch[b, q] < 0))
@@ -97,33 +98,36 @@ def mask_mod(branch: Tensor, visible: Tensor, positions: Tensor, window: int | N
     return rule
 
 
-def block_mask(branch: Tensor, visible: Tensor, positions: Tensor, window: int | None) -> Any:
-    """The same rule as `allowed`, as a flex_attention `BlockMask`: block-sparse for the kernel."""
+def block_mask(branch: Tensor, visible: Tensor, positions: Tensor, window: int | None, segment: Tensor) -> Any:
+    """The same rule as `allowed`, as a flex_attention `BlockMask`: block-sparse for the kernel (the blocks between
+    two packed pairs are skipped, not computed and masked)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch, length = branch.shape
-    rule = mask_mod(branch, visible, positions, window)
+    rule = mask_mod(branch, visible, positions, window, segment)
     # Compiled on a GPU, as transformers does: uncompiled, create_block_mask evaluates the rule over the dense L×L
     # grid while building. On CPU (tests) the compile costs more than the grid.
     compiled = branch.device.type == "cuda"
     return create_block_mask(rule, batch, None, length, length, device=branch.device, _compile=compiled)
 
 
-def _kernel_form(kernel: str, branch: Tensor, visible: Tensor, positions: Tensor, window: int | None) -> Any:
+def _kernel_form(kernel: str, descriptors: tuple[Tensor, ...], window: int | None) -> Any:
+    branch, visible, positions, segment = descriptors
     if kernel == "flex_attention":
-        return block_mask(branch, visible, positions, window)
-    mask = allowed(branch, visible, positions, window)
+        return block_mask(branch, visible, positions, window, segment)
+    mask = allowed(branch, visible, positions, window, segment)
     if kernel == "eager":  # added to the scores: 0 where allowed, the most negative float elsewhere
         return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
     return mask
 
 
-def attention_masks(model: Any, branch: Tensor, visible: Tensor, positions: Tensor) -> Any:
+def attention_masks(model: Any, branch: Tensor, visible: Tensor, positions: Tensor, segment: Tensor) -> Any:
     """The `attention_mask` argument for `model`: one mask, or {layer type: mask} when layers differ."""
     config = model_config(model)
     kernel = config._attn_implementation or "eager"
     if kernel not in KERNELS:
         raise UnsupportedLayout(f"attention kernel {kernel} takes no custom mask (use eager, sdpa or flex_attention)")
     windows = layer_windows(config)
-    masks = {kind: _kernel_form(kernel, branch, visible, positions, window) for kind, window in windows.items()}
+    descriptors = (branch, visible, positions, segment)
+    masks = {kind: _kernel_form(kernel, descriptors, window) for kind, window in windows.items()}
     return next(iter(masks.values())) if len(masks) == 1 else masks

@@ -234,6 +234,13 @@ class TrainingSection(Section):
         "the model does not give the same log-probs; true: the same check, but a mismatch stops the run; false: TRL's "
         "layout, prompt computed twice.",
     )
+    pack_tokens: int | None = Field(
+        None,
+        ge=8,
+        description="Pack a batch's pairs into rows of at most this many tokens (prefix sharing on: pairs never "
+        "attend to each other, positions restart at each pair), so pairs of unequal length carry little padding; "
+        "checked on the first batch like prefix sharing. null: one pair per row.",
+    )
 
     @model_validator(mode="after")
     def _one_precision(self) -> TrainingSection:
@@ -336,6 +343,10 @@ class Recipe(Section):
             raise ValueError(
                 "training.prefix_sharing needs an attention kernel that takes a 4-D mask (eager, sdpa, "
                 "flex_attention); set training.prefix_sharing: auto or false to use flash_attention_2"
+            )
+        if self.training.pack_tokens is not None and self.training.prefix_sharing is False:
+            raise ValueError(
+                "training.pack_tokens packs prefix-shared rows; it needs training.prefix_sharing: auto or true"
             )
         if self.model.quantization != "none" and self.model.dtype == "float16" and self.training.bf16:
             raise ValueError("model.dtype: float16 weights with training.bf16 mix precisions; pick one")

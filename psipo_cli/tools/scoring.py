@@ -78,7 +78,7 @@ def _batches(dataset: Any, size: int) -> Iterator[list[dict[str, Any]]]:
 @torch.no_grad()
 def score_pairs(model: Any, reference: ReferenceContext, dataset: Any, recipe: Recipe, pad_token_id: int) -> PairScores:
     """Policy and reference log-probs of every pair through the trainer's forward step, then the objective."""
-    forward = forward_step_for(recipe.training.prefix_sharing, pad_token_id)
+    forward = forward_step_for(recipe.training.prefix_sharing, pad_token_id, recipe.training.pack_tokens)
     collate = forward.collator(pad_token_id, recipe.data.max_length)
     how = aggregation(recipe)
     parts: dict[str, list[Tensor]] = {}

@@ -17,7 +17,7 @@ def trainer_arguments(config_class: type, recipe: Recipe, has_eval: bool, **stag
     Dropout stays on in TRL's sense (`disable_dropout=False`): TRL's switch would zero `adapter.dropout` too, so
     `models.loading.disable_base_dropout` turns every other dropout off after the trainer is built.
     """
-    training = recipe.training.model_dump(exclude={"eval_steps", "prefix_sharing"})  # psipo's own keys
+    training = recipe.training.model_dump(exclude={"eval_steps", "prefix_sharing", "pack_tokens"})  # psipo's own keys
     if "max_length" in {f.name for f in dataclasses.fields(config_class)}:  # the sampling stages' is per response
         training["max_length"] = recipe.data.max_length
     return config_class(

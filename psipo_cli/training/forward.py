@@ -147,43 +147,69 @@ def _pair_layout(prompt: list[int], chosen: list[int], rejected: list[int]) -> d
         "labels": labels,
         "chosen": chosen_mask,
         "rejected": rejected_mask,
-        "prompt_length": torch.tensor(p),
     }
 
 
 @dataclass
 class PrefixSharedCollator:
-    """Pairs as `[prompt | chosen | p' | rejected]` rows described per token (masks.py builds the attention mask
-    on the model's device), right-padded.
+    """Pairs as `[prompt | chosen | p' | rejected]` segments described per token (masks.py builds the attention mask
+    on the model's device), right-padded rows.
 
-    Truncation matches TRL's `keep_start` on each `[prompt | response]` sequence, so both layouts score the
-    same tokens.
+    `row_tokens` None: one pair per row. A number: pairs are packed, in order, into rows of at most that many
+    tokens (a longer pair gets a row of its own), with no attention between them and positions restarting at each
+    pair, so a batch of pairs of unequal lengths carries little padding. Per-token `pair` (the pair's index in the
+    batch) and `segment` (its slot in the row) let the forward step sum each pair's log-probs and masks.py keep the
+    pairs apart. Truncation matches TRL's `keep_start` on each `[prompt | response]` sequence, so every layout scores
+    the same tokens.
     """
 
     pad_token_id: int
     max_length: int | None = None
+    row_tokens: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        rows = [self._row(example) for example in examples]
+        rows = self._pack([self._pair(example) for example in examples])
         width = max(row["ids"].numel() for row in rows)
         batch: dict[str, Any] = {
             "input_ids": _stack(rows, "ids", width, self.pad_token_id),
             "position_ids": _stack(rows, "positions", width, 0),
             "branch": _stack(rows, "branch", width, PADDING),
             "visible": _stack(rows, "visible", width, 0),
+            "segment": _stack(rows, "segment", width, -1),
+            "pair": _stack(rows, "pair", width, -1),
             "shift_labels": _stack(rows, "labels", width, -100),
             "chosen_mask": _stack(rows, "chosen", width, False),
             "rejected_mask": _stack(rows, "rejected", width, False),
-            "prompt_lengths": torch.stack([row["prompt_length"] for row in rows]),
+            "prompt_lengths": torch.tensor([len(example["prompt_ids"]) for example in examples]),
         }
         return {**batch, **per_pair_floats(examples)}
 
-    def _row(self, example: dict[str, Any]) -> dict[str, Tensor]:
+    def _pair(self, example: dict[str, Any]) -> dict[str, Tensor]:
         prompt, chosen, rejected = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]
         if self.max_length is not None:
             room = self.max_length - len(prompt)  # > 0: TRL drops pairs whose prompt fills max_length
             chosen, rejected = chosen[:room], rejected[:room]
         return _pair_layout(prompt, chosen, rejected)
+
+    def _pack(self, pairs: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Consecutive pairs into rows (first fit in order keeps a row's pairs adjacent in the batch)."""
+        groups: list[list[int]] = []
+        used = 0
+        for index, pair in enumerate(pairs):
+            size = pair["ids"].numel()
+            if not groups or self.row_tokens is None or used + size > self.row_tokens:
+                groups.append([])
+                used = 0
+            groups[-1].append(index)
+            used += size
+        rows = []
+        for group in groups:
+            row = {key: torch.cat([pairs[i][key] for i in group]) for key in pairs[group[0]]}
+            sizes = [pairs[i]["ids"].numel() for i in group]
+            row["segment"] = torch.repeat_interleave(torch.arange(len(group), dtype=torch.int16), torch.tensor(sizes))
+            row["pair"] = torch.repeat_interleave(torch.tensor(group), torch.tensor(sizes))
+            rows.append(row)
+        return rows
 
 
 def _stack(rows: list[dict[str, Tensor]], key: str, width: int, fill: Any) -> Tensor:
@@ -205,30 +231,39 @@ class PrefixSharedForward:
     instead of a second prompt. Raises `UnsupportedLayout` where that cannot hold.
     """
 
+    def __init__(self, row_tokens: int | None = None) -> None:
+        self.row_tokens = row_tokens  # pack pairs into rows of this many tokens (None: a row per pair)
+
     def collator(self, pad_token_id: int, max_length: int | None) -> PrefixSharedCollator:
-        return PrefixSharedCollator(pad_token_id=pad_token_id, max_length=max_length)
+        return PrefixSharedCollator(pad_token_id=pad_token_id, max_length=max_length, row_tokens=self.row_tokens)
 
     def __call__(self, model: Any, inputs: dict[str, Tensor], router_aux: bool = False) -> PairLogps:
         coef = router_aux_coef(model)
         if router_aux and coef:
             # transformers' load-balancing loss reads a (B, L) padding mask; a shared row has a 4-D one.
             raise UnsupportedLayout("the MoE router balancing loss needs the concatenated layout")
+        descriptors = (inputs["branch"], inputs["visible"], inputs["position_ids"], inputs["segment"])
         out = model(
             input_ids=inputs["input_ids"],
-            attention_mask=attention_masks(model, inputs["branch"], inputs["visible"], inputs["position_ids"]),
+            attention_mask=attention_masks(model, *descriptors),
             position_ids=inputs["position_ids"],
             shift_labels=inputs["shift_labels"],  # already aligned: position t's own next token
             fused_lm_head=True,
             use_cache=False,
             **_router_kwargs(coef, False),
         )
-        logps = out.log_probs  # (B, L), zero where the label is -100
+        logps = out.log_probs  # (R, L), zero where the label is -100
+        pairs, pair = inputs["prompt_lengths"].numel(), inputs["pair"]
+
+        def per_pair(mask: Tensor, values: Tensor) -> Tensor:  # (R, L) -> (pairs,): sum over each pair's tokens
+            return values.new_zeros(pairs).index_add(0, pair[mask], values[mask])
+
         chosen_mask, rejected_mask = inputs["chosen_mask"], inputs["rejected_mask"]
         return PairLogps(
-            (logps * chosen_mask).sum(dim=1),
-            (logps * rejected_mask).sum(dim=1),
-            chosen_mask.sum(dim=1),
-            rejected_mask.sum(dim=1),
+            per_pair(chosen_mask, logps),
+            per_pair(rejected_mask, logps),
+            per_pair(chosen_mask, chosen_mask.long()),
+            per_pair(rejected_mask, rejected_mask.long()),
         )
 
     def count_tokens(self, inputs: dict[str, Tensor]) -> Tensor:
@@ -241,12 +276,13 @@ def concatenated_from_shared(inputs: dict[str, Tensor], pad_token_id: int) -> di
     The shared collator already truncated as TRL does, so both layouts hold the same tokens; this is how the
     self-check compares them and how a run falls back without changing its collator or data loader.
     """
-    ids, branch = inputs["input_ids"], inputs["branch"]
+    ids, branch, pair = inputs["input_ids"], inputs["branch"], inputs["pair"]
     sequences, completions = [], []
     for side in (CHOSEN, REJECTED):
-        for b in range(ids.size(0)):
-            prompt = ids[b][branch[b] == PROMPT]
-            response = ids[b][branch[b] == side][1 if side == REJECTED else 0 :]  # drop p'
+        for index in range(inputs["prompt_lengths"].numel()):
+            own = pair == index  # the pair's tokens, in order, wherever its row is
+            prompt = ids[own & (branch == PROMPT)]
+            response = ids[own & (branch == side)][1 if side == REJECTED else 0 :]  # drop p'
             sequences.append(torch.cat([prompt, response]))
             completions.append(torch.cat([torch.zeros_like(prompt), torch.ones_like(response)]))
     width = max(s.numel() for s in sequences)

@@ -97,8 +97,8 @@ def _eval_mode(model: Any) -> Iterator[None]:
 class CheckedForward:
     """Prefix sharing that proves itself on the first batch it sees, then keeps whichever layout is exact."""
 
-    def __init__(self, pad_token_id: int, strict: bool = False) -> None:
-        self.shared, self.concatenated = PrefixSharedForward(), ConcatenatedForward()
+    def __init__(self, pad_token_id: int, strict: bool = False, row_tokens: int | None = None) -> None:
+        self.shared, self.concatenated = PrefixSharedForward(row_tokens), ConcatenatedForward()
         self.pad_token_id = pad_token_id
         self.strict = strict  # the recipe said prefix_sharing: true, so falling back is an error
         self.verdict: Verdict | None = None
@@ -141,21 +141,24 @@ class CheckedForward:
         return self.shared.count_tokens(inputs)
 
 
-def forward_step_for(prefix_sharing: bool | str, pad_token_id: int) -> ConcatenatedForward | CheckedForward:
+def forward_step_for(
+    prefix_sharing: bool | str, pad_token_id: int, pack_tokens: int | None = None
+) -> ConcatenatedForward | CheckedForward:
     """The forward step `training.prefix_sharing` asks for: false → concatenated; auto → checked, falls back;
-    true → checked, a failed check stops the run."""
+    true → checked, a failed check stops the run. `pack_tokens`: shared rows hold several pairs (checked the same)."""
     if prefix_sharing is False:
         return ConcatenatedForward()
-    return CheckedForward(pad_token_id, strict=prefix_sharing is True)
+    return CheckedForward(pad_token_id, strict=prefix_sharing is True, row_tokens=pack_tokens)
 
 
 def describe_layout(step: Any) -> str:
     """One line for the banner: the layout in use and what the self-check found."""
     if not isinstance(step, CheckedForward):
         return "concatenated (training.prefix_sharing: false)"
+    packed = f", pairs packed into rows of ≤ {step.shared.row_tokens} tokens" if step.shared.row_tokens else ""
     if step.verdict is None:  # under DeepSpeed the check runs on the first batch of training
-        return "prefix-shared, checked against the concatenated layout on the first batch"
-    return step.verdict.describe()
+        return f"prefix-shared{packed}, checked against the concatenated layout on the first batch"
+    return step.verdict.describe() + (packed if step.verdict.layout == "prefix-shared" else "")
 
 
 def layout_summary(step: Any) -> dict[str, Any] | None:

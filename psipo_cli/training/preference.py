@@ -216,7 +216,7 @@ def build_preference_trainer(prepared: Prepared, model: Any = None) -> PsipoTrai
     peft_config = None
     if model is None:
         model, peft_config = attach_adapter(load_base_model(recipe), recipe.adapter)
-    forward = forward_step_for(recipe.training.prefix_sharing, tokenizer.pad_token_id)
+    forward = forward_step_for(recipe.training.prefix_sharing, tokenizer.pad_token_id, recipe.training.pack_tokens)
     trainer = PsipoTrainer(
         model=model,
         args=args,
