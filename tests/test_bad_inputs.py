@@ -164,6 +164,7 @@ CASES: list[tuple[str, Maker, tuple[str, ...]]] = [
         ("training.pack_tokens", "prefix_sharing: auto or true"),
     ),
     ("packing-too-small", recipe("training.pack_tokens=4"), ("training.pack_tokens", "greater than or equal to 8")),
+    ("packing-a-reward-model", recipe("training.pack_tokens=256", "objective.loss=reward"), ("has none",)),
     ("override-into-scalar", recipe("objective.tau.x=1"), ("'objective.tau' has no sub-keys",)),
     ("override-bad-value", recipe("training.max_steps=many"), ("training.max_steps", "integer")),
     # --- data files

@@ -151,9 +151,13 @@ def test_rows_are_longer_than_the_window() -> None:
     assert int(batch["position_ids"].max()) > 2 * WINDOW
 
 
-def test_concatenated_from_shared_rebuilds_trls_rows() -> None:
+@pytest.mark.parametrize("row_tokens", [None, 60], ids=["row per pair", "packed"])
+def test_concatenated_from_shared_rebuilds_trls_rows(row_tokens: int | None) -> None:
+    """The fall-back and the self-check's comparison rebuild TRL's own rows, truncated, from shared or packed rows."""
     examples = _examples()
-    shared = PrefixSharedForward().collator(PAD, 20)(examples)
+    shared = PrefixSharedForward(row_tokens).collator(PAD, 20)(examples)
+    if row_tokens:
+        assert shared["input_ids"].size(0) < len(examples)
     trl = ConcatenatedForward().collator(PAD, 20)(examples)
     rebuilt = concatenated_from_shared(shared, PAD)
     width = trl["input_ids"].size(1)
@@ -165,6 +169,7 @@ def test_concatenated_from_shared_rebuilds_trls_rows() -> None:
 PACKED_CELLS = [
     *[(name, kernel) for name in ARCHITECTURES if name not in FALLS_BACK for kernel in ("eager", "sdpa")],
     ("llama", "flex_attention"),  # the BlockMask path: blocks between packed pairs skipped, not masked
+    ("mistral (window)", "flex_attention"),  # and with a window measured on restarted positions
 ]
 
 
@@ -207,7 +212,8 @@ def test_packed_rows_give_the_concatenated_lora_gradients() -> None:
             if "lora_B" in name:
                 weight.data.normal_(0, 0.1)  # B = 0 at init would give A no gradient
         out = step(model, collate(examples))
-        (out.chosen.sum() - 0.5 * out.rejected.sum()).backward()
+        weights = torch.arange(1.0, len(examples) + 1)  # a different weight per pair: a pair mix-up changes them
+        (weights * out.chosen - 0.5 * weights.flip(0) * out.rejected).sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:

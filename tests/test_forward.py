@@ -103,8 +103,11 @@ def test_training_on_packed_rows_follows_the_concatenated_run(write_recipe, tmp_
         out = tmp_path / name
         summary = run(load_recipe(write_recipe(), [*overrides, f"output.dir={out}"]))
         losses.append([m["loss"] for m in read_metrics(out) if m["split"] == "train"])
-        layouts.append(summary["layout"]["layout"])
-    assert layouts == ["prefix-shared", "concatenated"]
+        layouts.append((summary["layout"]["layout"], summary["layout"].get("pack_tokens")))
+    assert layouts == [("prefix-shared", 96), ("concatenated", None)]
+    packed = build_trainer(prepare(load_recipe(write_recipe(), ["training.pack_tokens=96"])))
+    batch = packed.data_collator([packed.train_dataset[i] for i in range(8)])
+    assert batch["input_ids"].size(0) < 8 and int(batch["pair"].max()) == 7  # the run's batches hold packed rows
     assert len(losses[0]) == 4
     for a, b in zip(*losses, strict=True):
         assert a == pytest.approx(b, abs=1e-5)

@@ -344,6 +344,10 @@ class Recipe(Section):
                 "training.prefix_sharing needs an attention kernel that takes a 4-D mask (eager, sdpa, "
                 "flex_attention); set training.prefix_sharing: auto or false to use flash_attention_2"
             )
+        if self.training.pack_tokens is not None and self.objective.loss not in ("dpo", "ipo", "psipo"):
+            raise ValueError(
+                f"training.pack_tokens packs preference pairs; objective.loss {self.objective.loss} has none"
+            )
         if self.training.pack_tokens is not None and self.training.prefix_sharing is False:
             raise ValueError(
                 "training.pack_tokens packs prefix-shared rows; it needs training.prefix_sharing: auto or true"

@@ -192,7 +192,8 @@ class PrefixSharedCollator:
         return _pair_layout(prompt, chosen, rejected)
 
     def _pack(self, pairs: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
-        """Consecutive pairs into rows (first fit in order keeps a row's pairs adjacent in the batch)."""
+        """Consecutive pairs into rows (next fit: a pair that does not fit the open row starts the next one), so a
+        row's pairs are adjacent in the batch."""
         groups: list[list[int]] = []
         used = 0
         for index, pair in enumerate(pairs):
@@ -256,7 +257,9 @@ class PrefixSharedForward:
         pairs, pair = inputs["prompt_lengths"].numel(), inputs["pair"]
 
         def per_pair(mask: Tensor, values: Tensor) -> Tensor:  # (R, L) -> (pairs,): sum over each pair's tokens
-            return values.new_zeros(pairs).index_add(0, pair[mask], values[mask])
+            # Tokens outside the mask go to an extra slot that is dropped: no boolean indexing, so no device sync.
+            index = torch.where(mask, pair, pairs).flatten()
+            return values.new_zeros(pairs + 1).index_add(0, index, (values * mask).flatten())[:pairs]
 
         chosen_mask, rejected_mask = inputs["chosen_mask"], inputs["rejected_mask"]
         return PairLogps(
@@ -276,15 +279,20 @@ def concatenated_from_shared(inputs: dict[str, Tensor], pad_token_id: int) -> di
     The shared collator already truncated as TRL does, so both layouts hold the same tokens; this is how the
     self-check compares them and how a run falls back without changing its collator or data loader.
     """
-    ids, branch, pair = inputs["input_ids"], inputs["branch"], inputs["pair"]
+    device = inputs["input_ids"].device
+    # One copy to the host and one pass per pair: indexing on the device would wait for it at every pair.
+    ids, branch, pair = (inputs[key].cpu() for key in ("input_ids", "branch", "pair"))
+    chosen_rows, rejected_rows = [], []
+    for index in range(inputs["prompt_lengths"].numel()):
+        own = pair == index  # the pair's tokens, in order, wherever its row is
+        tokens, kinds = ids[own], branch[own]
+        prompt = tokens[kinds == PROMPT]
+        chosen_rows.append((prompt, tokens[kinds == CHOSEN]))
+        rejected_rows.append((prompt, tokens[kinds == REJECTED][1:]))  # drop p'
     sequences, completions = [], []
-    for side in (CHOSEN, REJECTED):
-        for index in range(inputs["prompt_lengths"].numel()):
-            own = pair == index  # the pair's tokens, in order, wherever its row is
-            prompt = ids[own & (branch == PROMPT)]
-            response = ids[own & (branch == side)][1 if side == REJECTED else 0 :]  # drop p'
-            sequences.append(torch.cat([prompt, response]))
-            completions.append(torch.cat([torch.zeros_like(prompt), torch.ones_like(response)]))
+    for prompt, response in chosen_rows + rejected_rows:
+        sequences.append(torch.cat([prompt, response]))
+        completions.append(torch.cat([torch.zeros_like(prompt), torch.ones_like(response)]))
     width = max(s.numel() for s in sequences)
     out = {
         "input_ids": ids.new_full((len(sequences), width), pad_token_id),
@@ -295,4 +303,4 @@ def concatenated_from_shared(inputs: dict[str, Tensor], pad_token_id: int) -> di
         out["input_ids"][row, : sequence.numel()] = sequence
         out["attention_mask"][row, : sequence.numel()] = 1
         out["completion_mask"][row, : sequence.numel()] = completion
-    return out
+    return {key: value.to(device) for key, value in out.items()}

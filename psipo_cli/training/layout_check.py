@@ -167,4 +167,5 @@ def layout_summary(step: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(step, CheckedForward):
         return {"layout": "concatenated", "reason": "training.prefix_sharing: false"}
-    return step.verdict.as_dict() if step.verdict else {"layout": "prefix-shared", "reason": "not checked"}
+    found = step.verdict.as_dict() if step.verdict else {"layout": "prefix-shared", "reason": "not checked"}
+    return found | {"pack_tokens": step.shared.row_tokens}
