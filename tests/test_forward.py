@@ -94,7 +94,7 @@ def test_precomputed_reference_is_cached_and_reused_on_a_rerun(write_recipe, mon
 
 
 def test_training_on_packed_rows_follows_the_concatenated_run(write_recipe, tmp_path: Path) -> None:
-    """training.pack_tokens: the run's losses and final margins equal the unpacked concatenated run's."""
+    """training.pack_tokens: the run logs the unpacked concatenated run's losses, step by step (1e-5)."""
     from psipo_cli.run.directory import read_metrics
     from psipo_cli.training.finetune import run
 
