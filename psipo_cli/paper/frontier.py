@@ -37,9 +37,13 @@ class Method:
     recipe: str
     data: str  # "hard", "soft" or "labelled" (hard pairs with the reward model's p̂): a file of the seed's folder
     overrides: tuple[str, ...] = ()
-    uses_reward_model: bool = False
     rollout: bool = False  # a stage that samples while training and calls the reward model itself
     responses: int = 2  # per prompt in a step: a pair, or RLOO's group (rollout.responses_per_prompt)
+
+    @property
+    def uses_reward_model(self) -> bool:
+        """It samples against the seed's reward model, or reads pairs that model labelled."""
+        return self.rollout or self.data == "labelled"
 
 
 # h is a difference of sequence log-ratios for every method (objective.logps: sum; rlhf's KL is per sequence), so
@@ -51,10 +55,9 @@ METHODS: dict[str, Method] = {
         "tiny-ipo.yaml",
         "labelled",
         ("objective.loss=psipo", "objective.psi=logit", "objective.logps=sum", "data.columns.label=p_hat"),
-        uses_reward_model=True,
     ),
-    "rlhf": Method("tiny-rlhf.yaml", "hard", (), True, rollout=True, responses=4),
-    "online-ipo": Method("tiny-online-ipo.yaml", "hard", ("objective.psi=identity",), True, rollout=True),
+    "rlhf": Method("tiny-rlhf.yaml", "hard", (), rollout=True, responses=4),
+    "online-ipo": Method("tiny-online-ipo.yaml", "hard", ("objective.psi=identity",), rollout=True),
     "dpo-soft": Method(
         "tiny-ipo.yaml", "soft", ("objective.loss=dpo", "objective.logps=sum", "data.columns.label=p_chosen")
     ),

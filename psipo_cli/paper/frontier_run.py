@@ -47,17 +47,16 @@ def _load(recipe_name: str, overrides: list[str]) -> Any:
     return load_recipe(RECIPES / recipe_name, overrides)
 
 
-def _train(recipe_name: str, overrides: list[str], log: Path) -> dict[str, Any]:
+def _train(recipe: Any, log: Path) -> dict[str, Any]:
     """One psipo run, its (quiet) output in `log`; returns its summary."""
     from psipo_cli.training.finetune import run
 
-    recipe = _load(recipe_name, overrides)
     with log.open("w", encoding="utf-8") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         return run(recipe, overwrite=True)
 
 
-def _base() -> tuple[Any, Any]:
-    """The tiny reference model (eval mode, with the fused LM head scoring uses) and its tokenizer."""
+def _base() -> tuple[Any, Any, Any]:
+    """The tiny reference model (eval mode, with the fused LM head scoring uses), its tokenizer and recipe."""
     from trl.trainer.utils import add_fused_lm_head
 
     from psipo_cli.models.loading import load_base_model, load_tokenizer
@@ -65,7 +64,7 @@ def _base() -> tuple[Any, Any]:
     recipe = _load("tiny-ipo.yaml", [])
     model = load_base_model(recipe).eval()
     add_fused_lm_head(model)
-    return model, load_tokenizer(recipe.model)
+    return model, load_tokenizer(recipe.model), recipe
 
 
 def _judge(settings: Settings, tokenizer: Any, folder: Path, seed: int, model: Any = None) -> Judge:
@@ -102,7 +101,7 @@ def prepare_seed(settings: Settings, work: Path, seed: int) -> dict[str, Any]:
     WORK/seed<s>/; returns what the JSON reports of them."""
     folder = work / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = _base()
+    model, tokenizer, base_recipe = _base()
     draw = _draw_pairs(settings, model, tokenizer, DATA / "train.jsonl", settings.train_prompts, seed)
     write_jsonl_atomic(folder / "hard.jsonl", draw.hard)
     write_jsonl_atomic(folder / "soft.jsonl", draw.soft)
@@ -112,11 +111,11 @@ def prepare_seed(settings: Settings, work: Path, seed: int) -> dict[str, Any]:
     info["hard_agrees_with_gold"] = sum(row["p_gold"] > 0.5 for row in draw.hard) / len(draw.hard)
     # Step 0 of every curve: π_ref judged against an independent draw of itself (its KL is 0 by construction).
     judge = _judge(settings, tokenizer, folder, seed, model)
-    info["reference"] = judge(model, contextlib.nullcontext, _load("tiny-ipo.yaml", [])).as_dict()
+    info["reference"] = judge(model, contextlib.nullcontext, base_recipe).as_dict()
     if any(METHODS[name].uses_reward_model for name in settings.methods):
         overrides = [f"data.train={folder / 'hard.jsonl'}", "data.eval=null", f"training.seed={seed}"]
         overrides += [f"training.max_steps={settings.reward_steps}", f"output.dir={folder / 'reward'}"]
-        _train("tiny-reward.yaml", overrides, folder / "reward.log")
+        _train(_load("tiny-reward.yaml", overrides), folder / "reward.log")
         held_out = _draw_pairs(settings, model, tokenizer, DATA / "eval.jsonl", 0, HELD_OUT_SEED + seed)
         write_jsonl_atomic(folder / "held-out.jsonl", held_out.hard)
         info["reward_model_agrees_with_gold"] = {
@@ -137,10 +136,10 @@ def train_and_judge(
 
     overrides = method_overrides(settings, name, tau, seed, work)
     recipe_name, folder = METHODS[name].recipe, run_dir(work, name, tau, seed)
-    started = time.perf_counter()
-    summary = _train(recipe_name, overrides, folder.parent / f"{folder.name}.log")
-    trained = time.perf_counter() - started
     recipe = _load(recipe_name, overrides)
+    started = time.perf_counter()
+    summary = _train(recipe, folder.parent / f"{folder.name}.log")
+    trained = time.perf_counter() - started
     judge = _judge(settings, load_tokenizer(recipe.model), work / f"seed{seed}", seed)
     curve = [{"step": 0, **step0}]
     for step in settings.judged_steps:
