@@ -175,6 +175,23 @@ PACKED_CELLS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "kernel"), PACKED_CELLS)
+def test_the_dense_shared_row_equals_the_concatenated_one(name: str, kernel: str) -> None:
+    """The dense `[prompt | chosen | p' | rejected]` row, which checkpointed models use instead of the lean form (the
+    default cells above run the lean form), gives the concatenated layout's log-probs."""
+    if (name, kernel) in NOT_IN_TRANSFORMERS:
+        pytest.skip(f"transformers has no {kernel} for {name}")
+    model, examples = _model(name, kernel), _examples()
+    concat, shared = ConcatenatedForward(), PrefixSharedForward()
+    batch = {k: v for k, v in shared.collator(PAD, None)(examples).items() if not k.startswith("lean_")}
+    with torch.no_grad():
+        plain = concat(model, concat.collator(PAD, None)(examples))
+        got = shared(model, batch)
+    for a, b in ((got.chosen, plain.chosen), (got.rejected, plain.rejected)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "kernel"), PACKED_CELLS)
 def test_packed_rows_equal_the_concatenated_ones(name: str, kernel: str) -> None:
     """Several pairs per row (no attention between them, positions restarting) give each pair the concatenated
     layout's log-probs, windows and local/global layers included."""
@@ -195,14 +212,17 @@ def test_packed_rows_equal_the_concatenated_ones(name: str, kernel: str) -> None
 
 
 @pytest.mark.slow
-def test_packed_rows_give_the_concatenated_lora_gradients() -> None:
+@pytest.mark.parametrize("row_tokens", [None, 80], ids=["lean", "packed"])
+def test_shared_rows_give_the_concatenated_lora_gradients(row_tokens: int | None) -> None:
+    """Gradients reach the prompt through the lean form's cached keys and values, and through packed rows, as they do
+    through TRL's rows (a window on one layer, prompts of unequal length)."""
     from peft import LoraConfig, get_peft_model
 
     examples = _examples()
     grads = []
     for step, collate in (
         (ConcatenatedForward(), ConcatenatedForward().collator(PAD, None)),
-        (PrefixSharedForward(row_tokens=80), PrefixSharedForward(row_tokens=80).collator(PAD, None)),
+        (PrefixSharedForward(row_tokens), PrefixSharedForward(row_tokens).collator(PAD, None)),
     ):
         torch.manual_seed(1)
         model = get_peft_model(

@@ -10,7 +10,7 @@ import torch
 from torch.nn.attention.flex_attention import create_mask
 
 from psipo_cli.models import masks
-from psipo_cli.models.masks import allowed, attention_kernel, mask_mod
+from psipo_cli.models.masks import UnsupportedLayout, allowed, attention_kernel, mask_mod
 from psipo_cli.recipe.loader import load_recipe
 from psipo_cli.run.directory import read_metrics
 from psipo_cli.training.finetune import build_trainer, prepare, run
@@ -109,9 +109,11 @@ def _boolean_for_eager(kernel: str, descriptors, window):  # the DeepSpeed bug, 
 @pytest.mark.slow
 def test_a_layout_that_is_not_exact_falls_back_and_says_so(write_recipe, tmp_path: Path, monkeypatch) -> None:
     concat_dir, broken_dir = tmp_path / "concat", tmp_path / "broken"
-    run(load_recipe(write_recipe(), ["training.prefix_sharing=false", f"output.dir={concat_dir}"]))
+    checkpointed = "training.gradient_checkpointing=true"  # the dense shared row, whose mask is broken here
+    run(load_recipe(write_recipe(), ["training.prefix_sharing=false", checkpointed, f"output.dir={concat_dir}"]))
     monkeypatch.setattr(masks, "_kernel_form", _boolean_for_eager)
-    summary = run(load_recipe(write_recipe(), ["model.attn_implementation=eager", f"output.dir={broken_dir}"]))
+    overrides = ["model.attn_implementation=eager", checkpointed, f"output.dir={broken_dir}"]
+    summary = run(load_recipe(write_recipe(), overrides))
     layout = summary["layout"]
     assert layout["layout"] == "concatenated" and "log-probs differ" in layout["reason"]
     assert layout["max_diff_per_token"] > 1e-3
@@ -122,22 +124,31 @@ def test_a_layout_that_is_not_exact_falls_back_and_says_so(write_recipe, tmp_pat
 def test_a_recipe_that_insists_on_prefix_sharing_stops_with_one_line(cli, write_recipe, monkeypatch) -> None:
     monkeypatch.setattr(masks, "_kernel_form", _boolean_for_eager)
     path = write_recipe()
-    result = cli("finetune", path, "model.attn_implementation=eager", "training.prefix_sharing=true")
+    dense = "training.gradient_checkpointing=true"  # the dense shared row, whose mask is broken here
+    result = cli("finetune", path, "model.attn_implementation=eager", "training.prefix_sharing=true", dense)
     assert_clean_error(result, "training.prefix_sharing", "not exact")
     assert not (path.parent / "run").exists()
 
 
-def test_a_kernel_without_custom_masks_falls_back(write_recipe) -> None:
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_kernel_without_custom_masks_falls_back(write_recipe, checkpointed: bool) -> None:
+    """transformers builds no mask for a kernel it does not know, so the lean rows attend to everything: the
+    self-check's comparison catches it, with checkpointing (whose dense row refuses the kernel) or without."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     AttentionInterface.register("hub_kernel", sdpa_attention_forward)  # a kernel psipo knows nothing about
-    trainer = build_trainer(prepare(load_recipe(write_recipe())))
+    overrides = [f"training.gradient_checkpointing={str(checkpointed).lower()}"]
+    trainer = build_trainer(prepare(load_recipe(write_recipe(), overrides)))
     step = trainer.forward_step
     assert isinstance(step, CheckedForward)
     masks.model_config(trainer.model)._attn_implementation_internal = "hub_kernel"
     trainer.check_layout()
-    assert step.verdict.layout == "concatenated" and "hub_kernel takes no custom mask" in step.verdict.reason
+    assert step.verdict.layout == "concatenated" and "log-probs differ" in step.verdict.reason
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[0]]))
+    dense = {key: value for key, value in batch.items() if not key.startswith("lean_")}
+    with pytest.raises(UnsupportedLayout, match="hub_kernel takes no custom mask"), torch.no_grad():
+        step.shared(trainer.model, dense)
 
 
 def test_pairs_with_an_empty_tokenised_prompt_are_refused_with_one_line(cli, write_recipe, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from psipo_cli.models.masks import UnsupportedLayout, attention_masks, model_config
 from psipo_cli.objectives import sequence_logps
+from psipo_cli.training.lean import checkpointing, lean_inputs, lean_logps
 
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1  # `branch` of a token in a shared row
 # `visible`: the branches that may attend to a token, one bit per branch (see masks.py).
@@ -168,7 +169,8 @@ class PrefixSharedCollator:
     row_tokens: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        rows = self._pack([self._pair(example) for example in examples])
+        pairs = [self._truncated(example) for example in examples]
+        rows = self._pack([_pair_layout(*pair) for pair in pairs])
         width = max(row["ids"].numel() for row in rows)
         batch: dict[str, Any] = {
             "input_ids": _stack(rows, "ids", width, self.pad_token_id),
@@ -182,14 +184,15 @@ class PrefixSharedCollator:
             "rejected_mask": _stack(rows, "rejected", width, False),
             "prompt_lengths": torch.tensor([len(example["prompt_ids"]) for example in examples]),
         }
-        return {**batch, **per_pair_floats(examples)}
+        lean = lean_inputs(pairs, self.pad_token_id) if self.row_tokens is None else {}  # packed rows stay dense
+        return {**batch, **lean, **per_pair_floats(examples)}
 
-    def _pair(self, example: dict[str, Any]) -> dict[str, Tensor]:
+    def _truncated(self, example: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
         prompt, chosen, rejected = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]
         if self.max_length is not None:
             room = self.max_length - len(prompt)  # > 0: TRL drops pairs whose prompt fills max_length
             chosen, rejected = chosen[:room], rejected[:room]
-        return _pair_layout(prompt, chosen, rejected)
+        return prompt, chosen, rejected
 
     def _pack(self, pairs: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Consecutive pairs into rows (next fit: a pair that does not fit the open row starts the next one), so a
@@ -230,6 +233,10 @@ class PrefixSharedForward:
     would. Position ids of the rejected branch continue from the prompt's end, and sliding windows are measured on
     them. The result equals the concatenated layout up to float summation order, for one extra token per pair
     instead of a second prompt. Raises `UnsupportedLayout` where that cannot hold.
+
+    Unpacked batches on a model without gradient checkpointing take the lean form instead (lean.py): the prompt
+    runs once and both responses attend to its cached keys and values, so no masked-out attention is computed.
+    The collator builds both forms; packed rows and checkpointed models use the dense row.
     """
 
     def __init__(self, row_tokens: int | None = None) -> None:
@@ -243,6 +250,8 @@ class PrefixSharedForward:
         if router_aux and coef:
             # transformers' load-balancing loss reads a (B, L) padding mask; a shared row has a 4-D one.
             raise UnsupportedLayout("the MoE router balancing loss needs the concatenated layout")
+        if "lean_ids" in inputs and not checkpointing(model):
+            return PairLogps(*lean_logps(model, inputs))
         descriptors = (inputs["branch"], inputs["visible"], inputs["position_ids"], inputs["segment"])
         out = model(
             input_ids=inputs["input_ids"],

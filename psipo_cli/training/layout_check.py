@@ -5,7 +5,8 @@ a kernel, wrapper or remote-code model nobody tested can break that silently (a 
 attention still "converges"). So before the first batch is used, `CheckedForward` scores it both ways — the
 prefix-shared row and TRL's concatenated rows — with no gradient and dropout off. At that point the policy equals
 the reference (a fresh LoRA adapter adds zero; a starting adapter is also the reference), so one comparison
-covers both. If they differ beyond the dtype's noise, or the shared layout cannot run at all, the run continues
+covers both. Both forms of the shared layout are compared: the lean rows and the dense row that a model under
+gradient checkpointing uses. If either differs beyond the dtype's noise, or cannot run at all, the run continues
 on the concatenated layout and says so — or stops with one line when the recipe insists on prefix sharing.
 """
 
@@ -94,6 +95,14 @@ def _eval_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
+def _forms(inputs: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+    """The batch as each form of prefix sharing reads it: with lean rows the lean form runs, and a model under
+    gradient checkpointing runs the dense row instead (lean.py), so both are checked; packed batches are dense only."""
+    if "lean_ids" not in inputs:
+        return [inputs]
+    return [inputs, {key: value for key, value in inputs.items() if not key.startswith("lean_")}]
+
+
 class CheckedForward:
     """Prefix sharing that proves itself on the first batch it sees, then keeps whichever layout is exact."""
 
@@ -113,8 +122,12 @@ class CheckedForward:
         with _eval_mode(model):
             plain = self.concatenated(model, concatenated_from_shared(inputs, self.pad_token_id))
             try:
-                shared = self.shared(model, inputs, router_aux=True)  # as the policy pass will call it
-                diff: float | None = max_diff_per_token(plain, shared)
+                diff: float | None = 0.0
+                for form in _forms(inputs):  # every form the run may use: lean rows, and the dense row
+                    shared = self.shared(model, form, router_aux=True)  # as the policy pass will call it
+                    diff = max(diff, max_diff_per_token(plain, shared))
+                    if diff > tolerance:
+                        break
                 reason = "" if diff <= tolerance else f"log-probs differ by {diff:.1e} nats/token > {tolerance:.0e}"
             except (UnsupportedLayout, RuntimeError, TypeError, ValueError) as err:  # a model that refuses the row
                 diff, reason = None, str(err).splitlines()[0] if str(err) else type(err).__name__
