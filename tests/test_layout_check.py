@@ -146,9 +146,8 @@ def test_a_kernel_without_custom_masks_falls_back(write_recipe, checkpointed: bo
     trainer.check_layout()
     assert step.verdict.layout == "concatenated" and "log-probs differ" in step.verdict.reason
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[0]]))
-    dense = {key: value for key, value in batch.items() if not key.startswith("lean_")}
     with pytest.raises(UnsupportedLayout, match="hub_kernel takes no custom mask"), torch.no_grad():
-        step.shared(trainer.model, dense)
+        step.shared(trainer.model, batch, form="dense")
 
 
 def test_pairs_with_an_empty_tokenised_prompt_are_refused_with_one_line(cli, write_recipe, tmp_path: Path) -> None:

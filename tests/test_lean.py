@@ -36,6 +36,28 @@ def test_packed_batches_carry_no_lean_rows() -> None:
     assert not any(key.startswith("lean_") for key in PrefixSharedForward(64).collator(0, None)(examples))
 
 
+@pytest.mark.parametrize(("prompt", "responses", "lean"), [(30, (3, 3), True), (5, (1, 40), False)])
+def test_lean_rows_run_unless_the_dense_row_is_cheaper(prompt: int, responses: tuple, lean: bool, monkeypatch) -> None:
+    """Equal response lengths: the same tokens and fewer attention scores, lean. Very unequal ones: the lean rows
+    pad every response to the longest, dense."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
+    add_fused_lm_head(model)
+    taken = []
+    original = forward_module.lean_logps
+    monkeypatch.setattr(forward_module, "lean_logps", lambda *a: taken.append(1) or original(*a))
+    step = PrefixSharedForward()
+    examples = [
+        {"prompt_ids": [5] * prompt, "chosen_ids": [8] * 3, "rejected_ids": [10] * 3},
+        {"prompt_ids": [6] * prompt, "chosen_ids": [8] * responses[0], "rejected_ids": [10] * responses[1]},
+    ]
+    with torch.no_grad():
+        step(model, step.collator(0, None)(examples))
+    assert bool(taken) is lean
+
+
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_checkpointed_models_take_the_dense_row(checkpointed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """transformers drops the cache under gradient checkpointing, so the lean form must not run there."""

@@ -245,12 +245,17 @@ class PrefixSharedForward:
     def collator(self, pad_token_id: int, max_length: int | None) -> PrefixSharedCollator:
         return PrefixSharedCollator(pad_token_id=pad_token_id, max_length=max_length, row_tokens=self.row_tokens)
 
-    def __call__(self, model: Any, inputs: dict[str, Tensor], router_aux: bool = False) -> PairLogps:
+    def __call__(
+        self, model: Any, inputs: dict[str, Tensor], router_aux: bool = False, form: str = "auto"
+    ) -> PairLogps:
+        """`form`: "lean", "dense", or "auto" (lean unless the model is checkpointed or the batch's lean rows would
+        hold more tokens, padding included, than its dense rows: responses of very unequal length pad the lean
+        rows to the longest). The self-check runs each form by name."""
         coef = router_aux_coef(model)
         if router_aux and coef:
             # transformers' load-balancing loss reads a (B, L) padding mask; a shared row has a 4-D one.
             raise UnsupportedLayout("the MoE router balancing loss needs the concatenated layout")
-        if "lean_ids" in inputs and not checkpointing(model):
+        if form == "lean" or (form == "auto" and self._lean_pays(model, inputs)):
             return PairLogps(*lean_logps(model, inputs))
         descriptors = (inputs["branch"], inputs["visible"], inputs["position_ids"], inputs["segment"])
         out = model(
@@ -277,6 +282,25 @@ class PrefixSharedForward:
             per_pair(chosen_mask, chosen_mask.long()),
             per_pair(rejected_mask, rejected_mask.long()),
         )
+
+    @staticmethod
+    def _lean_pays(model: Any, inputs: dict[str, Tensor]) -> bool:
+        """Whether the lean rows cost no more than the dense ones: tokens (padding included) plus attention scores
+        computed, at a score's share of a token's FLOPs. Shapes only, known on the host: no device sync."""
+        if "lean_ids" not in inputs or checkpointing(model):
+            return False
+        text = model_config(model).get_text_config()
+        # Per layer: a token's matmuls ≈ 2(4d² + 3d·ff) FLOPs, an attention score's 4d (QKᵀ and PV).
+        scores_per_token = 2 * text.hidden_size + 1.5 * getattr(text, "intermediate_size", 4 * text.hidden_size)
+        rows, width = inputs["input_ids"].shape
+        batch, prompt = inputs["lean_prompt_ids"].shape
+        response = inputs["lean_ids"].size(1)
+        dense = rows * width + rows * width**2 / scores_per_token  # the mask computes the whole square
+        lean = (
+            batch * (prompt + 2 * response)
+            + batch * (prompt**2 + 2 * response * (prompt + response)) / scores_per_token
+        )
+        return lean <= dense
 
     def count_tokens(self, inputs: dict[str, Tensor]) -> Tensor:
         return inputs["prompt_lengths"].sum() + inputs["chosen_mask"].sum() + inputs["rejected_mask"].sum()

@@ -95,12 +95,10 @@ def _eval_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def _forms(inputs: dict[str, Tensor]) -> list[dict[str, Tensor]]:
-    """The batch as each form of prefix sharing reads it: with lean rows the lean form runs, and a model under
-    gradient checkpointing runs the dense row instead (lean.py), so both are checked; packed batches are dense only."""
-    if "lean_ids" not in inputs:
-        return [inputs]
-    return [inputs, {key: value for key, value in inputs.items() if not key.startswith("lean_")}]
+def _forms(inputs: dict[str, Tensor]) -> list[str]:
+    """The forms of prefix sharing a run may take on batches like `inputs`: a batch with lean rows runs them or the
+    dense row (`PrefixSharedForward` picks per batch and model), so both are checked; packed batches are dense."""
+    return ["lean", "dense"] if "lean_ids" in inputs else ["dense"]
 
 
 class CheckedForward:
@@ -124,7 +122,7 @@ class CheckedForward:
             try:
                 diff: float | None = 0.0
                 for form in _forms(inputs):  # every form the run may use: lean rows, and the dense row
-                    shared = self.shared(model, form, router_aux=True)  # as the policy pass will call it
+                    shared = self.shared(model, inputs, router_aux=True, form=form)  # as the policy pass calls it
                     diff = max(diff, max_diff_per_token(plain, shared))
                     if diff > tolerance:
                         break
