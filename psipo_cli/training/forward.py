@@ -19,7 +19,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from psipo_cli.models.masks import UnsupportedLayout, attention_masks, model_config
 from psipo_cli.objectives import sequence_logps
-from psipo_cli.training.lean import checkpointing, lean_inputs, lean_logps
+from psipo_cli.training.lean import checkpointing, inside_deepspeed, lean_inputs, lean_logps
 
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1  # `branch` of a token in a shared row
 # `visible`: the branches that may attend to a token, one bit per branch (see masks.py).
@@ -248,9 +248,9 @@ class PrefixSharedForward:
     def __call__(
         self, model: Any, inputs: dict[str, Tensor], router_aux: bool = False, form: str = "auto"
     ) -> PairLogps:
-        """`form`: "lean", "dense", or "auto" (lean unless the model is checkpointed or the batch's lean rows would
-        hold more tokens, padding included, than its dense rows: responses of very unequal length pad the lean
-        rows to the longest). The self-check runs each form by name."""
+        """`form`: "lean", "dense", or "auto": lean unless the model is checkpointed, runs in a DeepSpeed engine
+        (whose ZeRO gradients through the lean form's two calls did not match one process: tests/test_distributed.py),
+        or the batch's lean rows cost more than its dense ones (`_lean_pays`). The self-check runs each form by name."""
         coef = router_aux_coef(model)
         if router_aux and coef:
             # transformers' load-balancing loss reads a (B, L) padding mask; a shared row has a 4-D one.
@@ -287,7 +287,7 @@ class PrefixSharedForward:
     def _lean_pays(model: Any, inputs: dict[str, Tensor]) -> bool:
         """Whether the lean rows cost no more than the dense ones: tokens (padding included) plus attention scores
         computed, at a score's share of a token's FLOPs. Shapes only, known on the host: no device sync."""
-        if "lean_ids" not in inputs or checkpointing(model):
+        if "lean_ids" not in inputs or checkpointing(model) or inside_deepspeed(model):
             return False
         text = model_config(model).get_text_config()
         # Per layer: a token's matmuls ≈ 2(4d² + 3d·ff) FLOPs, an attention score's 4d (QKᵀ and PV).

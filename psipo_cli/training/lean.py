@@ -9,7 +9,7 @@ same tokens, same positions, same attention.
 
 Prompts are left-padded so the cache ends where every response starts: distances in the cache are then true
 distances, which is what sliding windows are measured on. transformers drops a cache under gradient checkpointing,
-so a checkpointed model keeps the dense row (`PrefixSharedForward` decides).
+so a checkpointed model keeps the dense row, as does a DeepSpeed engine (`PrefixSharedForward` decides).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def lean_logps(model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, T
     prompt_ids, mask, cache = inputs["lean_prompt_ids"], inputs["lean_mask"], None
     if prompt_ids.size(1):  # some prompt has more than one token: its keys and values go first
         prompt_mask = inputs["lean_prompt_mask"]
-        out = model(
+        out = _inside_data_parallel(model)(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             position_ids=inputs["lean_prompt_positions"],
@@ -89,6 +89,20 @@ def lean_logps(model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, T
     )
     sums, tokens = out.log_probs.sum(dim=1), (labels != -100).sum(dim=1)  # (2B,)
     return sums[0::2], sums[1::2], tokens[0::2], tokens[1::2]
+
+
+def inside_deepspeed(model: Any) -> bool:
+    """Whether `model` is a DeepSpeed engine: there the dense row is used (see `PrefixSharedForward`)."""
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
+def _inside_data_parallel(model: Any) -> Any:
+    """The module inside a DDP wrapper, for the prompt pass: each call of the wrapper sets up the step's gradient
+    reduction, and the response pass's graph already reaches the prompt's parameters through the cache (DDP
+    refuses a second call before backward)."""
+    while type(model).__name__ == "DistributedDataParallel":
+        model = model.module
+    return model
 
 
 def checkpointing(model: Any) -> bool:
