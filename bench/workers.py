@@ -246,14 +246,15 @@ def _turn_timer(turns: Turns) -> Any:
         def __init__(self) -> None:
             self.turn_s: list[float] = []
             self.foreign_cpu_s = 0.0
-            self.began = time.perf_counter()
+            self.began = self.ended = time.perf_counter()
             self._cpu = _cpu_seconds()
 
         def start(self) -> None:
             self.began, self._cpu = time.perf_counter(), _cpu_seconds()
 
         def end(self) -> None:
-            self.turn_s.append(time.perf_counter() - self.began)
+            self.ended = time.perf_counter()
+            self.turn_s.append(self.ended - self.began)
             self.foreign_cpu_s += foreign_cpu_seconds(self._cpu)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -286,7 +287,7 @@ def worker_arm(spec: dict[str, Any]) -> dict[str, Any]:
         turns.wait()
         timer.start()
         result = trainer.train()
-        train_end_s = time.perf_counter() - timer.began  # after the last step: train()'s own wrapping up
+        train_end_s = time.perf_counter() - timer.ended  # after the last step: train()'s own wrapping up
     figures = {
         "build_s": build_s,
         "precompute_s": sum(precompute) if precompute else None,
