@@ -38,7 +38,7 @@ class Turns:
 def run_turns(arms: list[Any], settle_s: float = 0.0) -> list[str]:
     """The driver's side: `arms` are objects with `go()` and `done() -> bytes`; turns go round until every arm has
     ended. Returns the order turns were taken in (arm indices as text, for tests and the JSON). `settle_s`: a pause
-    between turns, for the last arm's threads to go idle (its OpenMP workers spin ~40 ms after a step)."""
+    between turns, for the last arm's threads to go idle (~40 ms of its CPU time was seen after a turn)."""
     active, order = list(range(len(arms))), []
     while active:
         for index in list(active):
