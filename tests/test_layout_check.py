@@ -109,7 +109,7 @@ def _boolean_for_eager(kernel: str, descriptors, window):  # the DeepSpeed bug, 
 @pytest.mark.slow
 def test_a_layout_that_is_not_exact_falls_back_and_says_so(write_recipe, tmp_path: Path, monkeypatch) -> None:
     concat_dir, broken_dir = tmp_path / "concat", tmp_path / "broken"
-    checkpointed = "training.gradient_checkpointing=true"  # the dense shared row, whose mask is broken here
+    checkpointed = "training.gradient_checkpointing=true"  # trains on the dense row, whose mask is broken here
     run(load_recipe(write_recipe(), ["training.prefix_sharing=false", checkpointed, f"output.dir={concat_dir}"]))
     monkeypatch.setattr(masks, "_kernel_form", _boolean_for_eager)
     overrides = ["model.attn_implementation=eager", checkpointed, f"output.dir={broken_dir}"]
@@ -124,7 +124,7 @@ def test_a_layout_that_is_not_exact_falls_back_and_says_so(write_recipe, tmp_pat
 def test_a_recipe_that_insists_on_prefix_sharing_stops_with_one_line(cli, write_recipe, monkeypatch) -> None:
     monkeypatch.setattr(masks, "_kernel_form", _boolean_for_eager)
     path = write_recipe()
-    dense = "training.gradient_checkpointing=true"  # the dense shared row, whose mask is broken here
+    dense = "training.gradient_checkpointing=true"  # trains on the dense row, whose mask is broken here
     result = cli("finetune", path, "model.attn_implementation=eager", "training.prefix_sharing=true", dense)
     assert_clean_error(result, "training.prefix_sharing", "not exact")
     assert not (path.parent / "run").exists()
