@@ -12,7 +12,7 @@ CONSTRAINTS := psipo_cli/constraints.txt
 # Left out of the constraints: the torch build differs by machine (CPU wheel here, CUDA on GPUs) and brings these.
 UNPINNED := ^(torch|triton|nvidia-[a-z0-9-]+|psipo)==
 
-.PHONY: install constraints demo test test-fast lint format docs check bench assets paper frontier clean
+.PHONY: install constraints demo test test-fast lint format docs check bench bench-repeat assets paper frontier clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -60,9 +60,14 @@ check: lint
 assets: install
 	$(BIN)/python scripts/make_tiny_assets.py
 
-# psipo vs stock TRL DPOTrainer (IPO) throughput, memory and MFU: bench/results.json (under 15 minutes on 2 cores)
+# psipo vs stock TRL DPOTrainer (IPO) throughput, memory and MFU: bench/results.json (about 19 minutes on 2 cores)
 bench: install
 	$(BIN)/python bench/bench.py
+
+# Two consecutive runs on a quiet machine and how far each ratio moved between them (about 40 minutes)
+bench-repeat: install
+	$(BIN)/python bench/bench.py --out bench/results-first.json
+	$(BIN)/python bench/bench.py --out bench/results.json --against bench/results-first.json
 
 # IPO vs DPO margins on the tiny model at three τ: docs/paper-margins.png and .md (about 2 minutes on 2 cores)
 paper: install

@@ -2,9 +2,10 @@
 
 Run it from the repository root:
 
-    make bench                              # or: python bench/bench.py  (about 12 minutes on 2 cores)
+    make bench                              # or: python bench/bench.py  (about 19 minutes on 2 cores)
     python bench/bench.py --quick           # tiny smoke configuration (about a minute)
     python bench/bench.py --out my.json     # figures to my.json instead of bench/results.json
+    make bench-repeat                       # two runs in a row, then how far each ratio moved between them
 
 What is compared. A random-init `LlamaConfig` model (fp32; hidden 512, 4 layers, 8 heads, MLP 1376, 12.7M
 non-embedding parameters, the tiny tokenizer's 768-token vocabulary, saved to a temp dir with
@@ -14,7 +15,7 @@ seed 0, the data read in file order by every trainer. psipo is built through its
 `psipo_cli.training.finetune.prepare` + `build_trainer`) with `training.prefix_sharing` true ("prefix-shared": one
 `[prompt | chosen | rejected]` row per pair), with `training.pack_tokens` ("packed": several pairs per row) and
 with prefix sharing false ("concatenated": TRL's layout, 2 rows per pair); TRL is built directly (`DPOConfig` +
-`DPOTrainer(peft_config=LoraConfig(...))`), and pads as it does by default. Data shapes (bench/data.py): fixed
+`DPOTrainer(peft_config=LoraConfig(...))`), and pads as it does by default. Data shapes (bench/shapes.py): fixed
 "prompt-heavy" 192 prompt + 64 + 64 response tokens and "response-heavy" 64 + 160 + 160 at max_length 512 (batch
 4), "long-context" 1536 + 256 + 256 at max_length 2048 (batch 2), and lengths drawn like UltraFeedback's
 ("uf-like", max_length 1024, batch 4) and HH-RLHF's ("hh-like", max_length 512, batch 8).
@@ -65,7 +66,7 @@ REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]  # measure this checkout's psipo, whatever else is installed
 
 from race import STEP, PipeArm, run_turns  # noqa: E402
-from report import TRL, data_table, race_figures, table  # noqa: E402
+from report import TRL, agreement, data_table, race_figures, table  # noqa: E402
 from workers import THREADS, WORKERS  # noqa: E402
 
 DEFAULT_OUT = BENCH / "results.json"
@@ -260,6 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help=f"JSON of all figures (default {DEFAULT_OUT})")
     parser.add_argument("--only", default=None, help="comma-separated data shapes to run (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="timed race steps per arm")
+    parser.add_argument("--against", type=Path, default=None, help="an earlier run's JSON: print how the ratios agree")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -299,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
             f"\nwarning: other processes used up to {results['foreign_cpu_share_max']:.0%} of the CPU during timed "
             "steps: these timings are not clean"
         )
+    if args.against is not None:
+        text, off = agreement(results, json.loads(args.against.read_text(encoding="utf-8")))
+        print(f"\nagainst {args.against}: {off} ratio(s) differ by more than 5%\n{text}")
     print(
         f"\n{results['machine']['cpu']}, {THREADS} threads, torch {results['machine'].get('torch')}; "
         f"matmul peak {results['matmul_peak_gflops']:.0f} GFLOP/s; wall {results['wall_s'] / 60:.1f} min; "

@@ -5,8 +5,9 @@ timed one after another disagree from run to run. In a race every arm's process 
 hands out turns (build the trainer, then one training step each, round and round), so a drift hits every arm
 alike. The others wait in a blocking read while one works, so nothing competes for the CPU; each process keeps its
 own peak RSS. Protocol, over two pipes per arm: the arm writes `STEP` once loaded (ready); then, each turn, the
-driver writes `GO`, the arm does one unit and writes `STEP`, or `END` after its last one (then prints its result
-and exits).
+driver writes `GO`, the arm does one unit and writes `STEP`, or `END` after its last one. An arm that has ended
+waits for one more `GO`, the release, sent once every arm has ended: a process printing its result and exiting
+would otherwise compete with another arm's last step (it cost that step up to 2× in the first runs).
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ class Turns:
     def done(self, last: bool = False) -> None:
         os.write(self.done_fd, END if last else STEP)
 
+    def released(self) -> None:
+        """After the last turn: wait until every arm has ended (or the driver is gone)."""
+        os.read(self.go_fd, 1)
+
 
 def run_turns(arms: list[Any], settle_s: float = 0.0) -> list[str]:
-    """The driver's side: `arms` are objects with `go()` and `done() -> bytes`; turns go round until every arm has
-    ended. Returns the order turns were taken in (arm indices as text, for tests and the JSON). `settle_s`: a pause
-    between turns, for the last arm's threads to go idle (~40 ms of its CPU time was seen after a turn)."""
+    """The driver's side: `arms` are objects with `go()`, `done() -> bytes` and `release()`; turns go round until
+    every arm has ended, then every arm is released. Returns the order turns were taken in (arm indices as text,
+    for tests and the JSON). `settle_s`: a pause between turns, for the last arm's threads to go idle (~40 ms of
+    its CPU time was seen after a turn)."""
     active, order = list(range(len(arms))), []
     while active:
         for index in list(active):
@@ -47,6 +53,8 @@ def run_turns(arms: list[Any], settle_s: float = 0.0) -> list[str]:
             order.append(str(index))
             if arms[index].done() == END:
                 active.remove(index)
+    for arm in arms:
+        arm.release()
     return order
 
 
@@ -68,6 +76,10 @@ class PipeArm:
 
     def go(self) -> None:
         os.write(self._go_write, GO)
+
+    def release(self) -> None:
+        with contextlib.suppress(BrokenPipeError):  # an arm that is already gone needs no release
+            os.write(self._go_write, GO)
 
     def done(self) -> bytes:
         reply = os.read(self._done_read, 1)

@@ -93,6 +93,33 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ratios(results: dict[str, Any]) -> dict[str, float]:
+    """Every ratio of a run by a label naming its row and arm."""
+    ratios = {}
+    for row in results["rows"]:
+        ref = "precomputed" if row["precompute"] else "per step"
+        for arm in row["psipo_arms"]:
+            label = f"{row['shape']}, gc {'on' if row['gc'] else 'off'}, reference {ref}, {ARM_LABEL[arm]}"
+            ratios[label] = row["arms"][arm]["ratio"]
+    return ratios
+
+
+def agreement(now: dict[str, Any], before: dict[str, Any], tolerance: float = 0.05) -> tuple[str, int]:
+    """This run's ratios against an earlier run's, row by row: a markdown table, and how many rows differ by more
+    than `tolerance` (relative to the earlier ratio). Rows only one run has are left out."""
+    mine, theirs = _ratios(now), _ratios(before)
+    lines = ["| row | this run | earlier run | difference |", "|---|---:|---:|---:|"]
+    off = 0
+    for label, ratio in mine.items():
+        if label not in theirs:
+            continue
+        difference = ratio / theirs[label] - 1
+        flag = " ✗" if abs(difference) > tolerance else ""
+        off += bool(flag)
+        lines.append(f"| {label} | {ratio:.2f}× | {theirs[label]:.2f}× | {difference:+.1%}{flag} |")
+    return "\n".join(lines), off
+
+
 def data_table(results: dict[str, Any]) -> str:
     """The length statistics of every shape's data, as drawn."""
     lines = [

@@ -299,6 +299,7 @@ def worker_arm(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_before_train_mib": rss_before_train,
     }
     turns.done(last=True)
+    turns.released()
     return figures
 
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 from race import END, STEP, PipeArm, run_turns  # noqa: E402
-from report import blocks, step_tokens  # noqa: E402
+from report import agreement, blocks, step_tokens  # noqa: E402
 from shapes import DISTRIBUTIONS, contexts, draw_lengths, statistics_of  # noqa: E402
 
 
@@ -56,11 +56,29 @@ class _Arm:
         self.left -= 1
         return END if self.left == 0 else STEP
 
+    def release(self) -> None:
+        self.log.append(-1 - self.name)
+
 
 def test_turns_go_round_and_skip_arms_that_ended() -> None:
     log: list[int] = []
     order = run_turns([_Arm(4, log, 0), _Arm(2, log, 1), _Arm(3, log, 2)])
-    assert log == [0, 1, 2, 0, 1, 2, 0, 2, 0] and order == [str(i) for i in log]
+    # Released (negative) only once every arm has ended: no arm exits while another still works.
+    assert log == [0, 1, 2, 0, 1, 2, 0, 2, 0, -1, -2, -3] and order == [str(i) for i in log if i >= 0]
+
+
+def _run(*ratios: float) -> dict:
+    arms = ["psipo/shared", "psipo/packed"]
+    row = {"shape": "hh-like", "gc": False, "precompute": False, "psipo_arms": arms[: len(ratios)]}
+    return {"rows": [{**row, "arms": {arm: {"ratio": r} for arm, r in zip(arms, ratios, strict=False)}}]}
+
+
+def test_agreement_flags_ratios_that_moved_more_than_five_percent() -> None:
+    text, off = agreement(_run(2.0, 1.5), _run(1.92, 1.5))  # +4.2%, 0%
+    assert off == 0 and "+4.2%" in text
+    text, off = agreement(_run(2.0, 1.5), _run(1.9, 1.5))  # +5.3%
+    assert off == 1 and "+5.3% ✗" in text
+    assert agreement(_run(2.0, 1.5), _run(2.0))[0].count("hh-like") == 1  # a row only one run has is left out
 
 
 def test_pipe_arm_reports_a_dead_child_instead_of_hanging() -> None:
