@@ -12,7 +12,7 @@ CONSTRAINTS := psipo_cli/constraints.txt
 # Left out of the constraints: the torch build differs by machine (CPU wheel here, CUDA on GPUs) and brings these.
 UNPINNED := ^(torch|triton|nvidia-[a-z0-9-]+|psipo)==
 
-.PHONY: install constraints demo test test-fast lint format docs check bench bench-repeat assets paper frontier clean
+.PHONY: install constraints demo test test-fast lint format docs check bench bench-repeat soak assets paper frontier clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ assets: install
 # psipo vs stock TRL DPOTrainer (IPO) throughput, memory and MFU: bench/results.json (about 19 minutes on 2 cores)
 bench: install
 	$(BIN)/python bench/bench.py
+
+# A long run under load: 10,000 logged steps, 50 checkpoints, killed and resumed; disk use and resume time (soak.json)
+soak: install
+	$(BIN)/python scripts/soak.py
 
 # Two consecutive runs on a quiet machine and how far each ratio moved between them (about 40 minutes)
 bench-repeat: install

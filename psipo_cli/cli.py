@@ -14,7 +14,7 @@ import typer
 import yaml
 from rich.console import Console
 
-from psipo_cli.errors import EXIT_USER_ERROR, RunInterrupted, UserError
+from psipo_cli.errors import DISK_ERRNOS, EXIT_USER_ERROR, EXIT_WRITE_FAILED, RunStopped, UserError
 
 # bitsandbytes tries to fetch an optional CPU kernel from the hub on import and warns when it can't; it falls back
 # to its built-in kernel, so the warning is noise (and the fetch can never work offline).
@@ -382,11 +382,18 @@ def main() -> None:
     except UserError as err:
         if os.environ.get("PSIPO_DEBUG"):
             raise
-        err_console.print(f"error: {err}", markup=False)
+        if err.echo:
+            err_console.print(f"error: {err}", markup=False)
         sys.exit(EXIT_USER_ERROR)
-    except RunInterrupted as stop:
+    except RunStopped as stop:
         err_console.print(f"stopped: {stop}", markup=False)
         sys.exit(stop.exit_code)
+    except OSError as err:
+        if err.errno not in DISK_ERRNOS or os.environ.get("PSIPO_DEBUG"):
+            raise
+        # label, eval, merge, ... write whole files or nothing (run.files), so nothing half-written is left
+        err_console.print(f"stopped: writing {err.filename or 'a file'} failed ({err.strerror})", markup=False)
+        sys.exit(EXIT_WRITE_FAILED)
     except KeyboardInterrupt:
         err_console.print("stopped at once (second interrupt); the newest complete checkpoint is intact")
         sys.exit(130)

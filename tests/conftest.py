@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +71,30 @@ def run_psipo(*args: str | Path) -> int:
         return stop.code if isinstance(stop.code, int) else 1
     finally:
         sys.argv = argv
+
+
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def start_psipo(*args: str | Path, command: str = "finetune", **popen: Any) -> subprocess.Popen:
+    """`psipo COMMAND ARGS...` in a process of its own (to be killed, or to hold a run), output piped."""
+    argv = [sys.executable, "-m", "psipo_cli", command, *map(str, args)]
+    options = {"env": SUBPROCESS_ENV, "cwd": REPO, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen(argv, text=True, **options)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until `path` exists; fails if `proc` ends first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path.name} appeared: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
 
 
 def tiny_recipe(output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:

@@ -7,9 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,13 +16,15 @@ from safetensors.torch import load_file
 from psipo_cli.run.checkpoints import COMPLETE_MARK, checkpoints
 from psipo_cli.run.directory import read_metrics
 from tests.conftest import (
-    REPO,
     TINY_DATA,
     TINY_MODEL,
     assert_clean_error,
+    finish,
     rollout_sections,
     run_psipo,
+    start_psipo,
     tiny_recipe,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -44,7 +43,6 @@ SECTIONS = {
 }
 # Per-step values compared between the resumed and the uninterrupted run (tokens_per_s is wall-clock).
 COMPARED = ("loss", "margin", "reward_accuracy", "logratio_chosen", "logratio_rejected", "grad_norm", "learning_rate")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def _recipe(tmp: Path, name: str, **extra: dict) -> Path:
@@ -52,24 +50,6 @@ def _recipe(tmp: Path, name: str, **extra: dict) -> Path:
     sections = {**SECTIONS, **extra}
     path.write_text(yaml.safe_dump(tiny_recipe(tmp / name, **sections)), encoding="utf-8")
     return path
-
-
-def _psipo(*args: str | Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "psipo_cli", "finetune", *map(str, args)]
-    return subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"the run ended before {path.name} appeared: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
-
-
-def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
 
 
 def _adapter(run_dir: Path) -> dict:
@@ -80,7 +60,7 @@ def _adapter(run_dir: Path) -> dict:
 def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run, same seed."""
     tmp = tmp_path_factory.mktemp("straight")
-    code, _, err = _finish(_psipo(_recipe(tmp, "run")))
+    code, _, err = finish(start_psipo(_recipe(tmp, "run")))
     assert code == 0, err
     return tmp / "run"
 
@@ -88,8 +68,8 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sigkill_then_resume_equals_an_uninterrupted_run(straight: Path, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, "run")
     run_dir = tmp_path / "run"
-    proc = _psipo(recipe)
-    _wait_for(run_dir / f"checkpoint-{SAVE_EVERY}" / COMPLETE_MARK, proc)
+    proc = start_psipo(recipe)
+    wait_for(run_dir / f"checkpoint-{SAVE_EVERY}" / COMPLETE_MARK, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "summary.json").exists(), "the run finished before it was killed: the test proves nothing"
@@ -101,7 +81,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(straight: Path, tmp_pat
     shutil.copytree(checkpoints(run_dir)[-1], torn)
     (torn / COMPLETE_MARK).unlink()
 
-    code, _, err = _finish(_psipo(recipe, "--resume"))
+    code, _, err = finish(start_psipo(recipe, "--resume"))
 
     assert code == 0, err
     assert not torn.exists()
@@ -131,13 +111,13 @@ def test_a_sampling_run_killed_and_resumed_equals_an_uninterrupted_one(
     sections = rollout_sections(reward_run, loss, iterations=2)
     sections["training"] = {**sections["training"], "max_steps": RL_STEPS, "save_steps": RL_SAVE}
     straight, killed = (_recipe(tmp_path, name, **sections, data={}) for name in ("straight", "killed"))
-    assert _finish(_psipo(straight))[0] == 0
-    proc = _psipo(killed)
-    _wait_for(tmp_path / "killed" / f"checkpoint-{RL_SAVE}" / COMPLETE_MARK, proc)
+    assert finish(start_psipo(straight))[0] == 0
+    proc = start_psipo(killed)
+    wait_for(tmp_path / "killed" / f"checkpoint-{RL_SAVE}" / COMPLETE_MARK, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "summary.json").exists()
-    code, _, err = _finish(_psipo(killed, "--resume"))
+    code, _, err = finish(start_psipo(killed, "--resume"))
     assert code == 0, err
     resumed, reference = read_metrics(tmp_path / "killed"), read_metrics(tmp_path / "straight")
     assert [m["step"] for m in resumed] == [m["step"] for m in reference] == list(range(1, RL_STEPS + 1))
@@ -151,10 +131,10 @@ def test_a_sampling_run_killed_and_resumed_equals_an_uninterrupted_one(
 def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, "run", training={**SECTIONS["training"], "max_steps": 400, "save_steps": 1000})
     run_dir = tmp_path / "run"
-    proc = _psipo(recipe, "--plain")
-    _wait_for(run_dir / "metrics.jsonl", proc)
+    proc = start_psipo(recipe, "--plain")
+    wait_for(run_dir / "metrics.jsonl", proc)
     proc.send_signal(signal.SIGINT)
-    code, _, err = _finish(proc)
+    code, _, err = finish(proc)
 
     assert code == 128 + signal.SIGINT, err
     saved = checkpoints(run_dir)
@@ -163,7 +143,7 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     stopped_at = int(saved[0].name.split("-")[1])
     assert 0 < stopped_at < 400
 
-    code, _, err = _finish(_psipo(recipe, "--resume", saved[0], "training.max_steps=" + str(stopped_at + 3)))
+    code, _, err = finish(start_psipo(recipe, "--resume", saved[0], "training.max_steps=" + str(stopped_at + 3)))
     assert code == 0, err
     train_steps = [m["step"] for m in read_metrics(run_dir) if m["split"] == "train"]
     assert train_steps == list(range(1, stopped_at + 4))

@@ -24,7 +24,7 @@ from psipo_cli.errors import UserError
 from psipo_cli.paper.frontier import DATA, METHODS, RECIPES, Settings, method_overrides, run_dir
 from psipo_cli.paper.frontier_eval import Judge, preference_pairs, sample
 from psipo_cli.paper.gold import GOLD_SCALE, GOLD_SEED, GoldReward
-from psipo_cli.run.directory import write_jsonl_atomic
+from psipo_cli.run.files import write_jsonl_atomic
 
 JUDGE_SEED = 10_000
 HELD_OUT_SEED = 20_000  # the reward model's held-out pairs, drawn on the evaluation prompts

@@ -212,7 +212,15 @@ class TrainingSection(Section):
     seed: int = Field(42, description="Seed for adapter init, data order and dropout.")
     logging_steps: int = Field(10, ge=1, description="Write a metrics.jsonl line every this many steps.")
     save_steps: int = Field(500, ge=1, description="Save a checkpoint every this many steps.")
-    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    save_total_limit: int | None = Field(
+        2, ge=1, description="Keep at most this many complete checkpoints (old ones go once a new one is sealed)."
+    )
+    max_bad_steps: int = Field(
+        3,
+        ge=1,
+        description="Stop after this many steps in a row whose loss or gradient norm is not finite (their updates are "
+        "dropped and they save no checkpoint; under DeepSpeed the first stops the run); exit code 3.",
+    )
     eval_steps: int | None = Field(
         None, ge=1, description="Evaluate data.eval every this many steps (default: logging_steps)."
     )

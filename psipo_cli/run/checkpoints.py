@@ -2,8 +2,11 @@
 
 The Trainer writes `checkpoint-N/` (adapter, optimizer, scheduler, RNG states, trainer_state.json with the step,
 from which the data position follows: the sampler is seeded and the Trainer skips the batches already seen). A
-checkpoint counts as complete only once `psipo-complete.json` is in it, written by rename after the Trainer has
-written everything else; a job killed mid-write leaves a folder without it, which resume ignores and removes.
+checkpoint counts as complete only once `psipo-complete.json` is in it: every process flushes the folder to disk,
+all wait for each other (each writes its own RNG state, under ZeRO its own optimizer shard), and only then is the
+mark renamed in. A job killed or a write failing mid-checkpoint leaves a folder without it, which resume ignores
+and removes. Old checkpoints are deleted here, after the new one is sealed, never before (the Trainer's own
+rotation runs before the mark exists and could leave no complete checkpoint at all).
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from psipo_cli.errors import UserError
-from psipo_cli.run.directory import METRICS_FILE, read_metrics, write_atomic, write_jsonl_atomic
-from psipo_cli.training.distributed import max_over_processes
+from psipo_cli.errors import DISK_ERRNOS, EXIT_WRITE_FAILED, RunStopped, UserError
+from psipo_cli.run.directory import METRICS_FILE, read_metrics
+from psipo_cli.run.files import fsync_tree, write_atomic, write_jsonl_atomic
+from psipo_cli.training.distributed import barrier, max_over_processes
 
 COMPLETE_MARK = "psipo-complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -54,6 +59,28 @@ def resume_point(run_dir: Path, path: Path | None) -> Path:
     return complete[-1]
 
 
+def stop_if_a_write_failed(run_dir: Path, err: BaseException) -> None:
+    """Turn a failed write (a full disk, a quota, a checkpoint cut short) into the run's one line."""
+    partial = [p for p in checkpoints(run_dir, complete=False) if checkpoint_step(p) > _newest_step(run_dir)]
+    disk = isinstance(err, OSError) and err.errno in DISK_ERRNOS
+    if not (partial or disk):
+        return
+    what = f"writing {partial[-1].name}" if partial else "a write into the run directory"
+    free = shutil.disk_usage(run_dir).free / 2**20 if run_dir.exists() else 0.0
+    saved = checkpoints(run_dir)
+    resume = f"the newest complete checkpoint is {saved[-1]}" if saved else "no checkpoint is complete"
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0][:200]
+    raise RunStopped(
+        f"{what} failed ({reason}; {free:,.0f} MiB free there); {resume}; make room and continue with --resume",
+        EXIT_WRITE_FAILED,
+    ) from None
+
+
+def _newest_step(run_dir: Path) -> int:
+    saved = checkpoints(run_dir)
+    return checkpoint_step(saved[-1]) if saved else -1
+
+
 def prepare_resume(run_dir: Path, checkpoint: Path) -> None:
     """Drop what the crashed job wrote after `checkpoint`: later metrics lines and incomplete checkpoints.
 
@@ -67,17 +94,30 @@ def prepare_resume(run_dir: Path, checkpoint: Path) -> None:
 
 
 class MarkComplete(TrainerCallback):
-    """Seal each checkpoint once the Trainer has written all of it (main process); the mark also holds `record`
-    (what the run trained on, see `fingerprint`), sealed with it."""
+    """Seal each checkpoint once every process has written all of it, then keep the newest `keep` complete ones
+    (None: all). The mark also holds `record` (what the run trained on, see `fingerprint`), sealed with it."""
 
-    def __init__(self, record: dict[str, Any] | None = None) -> None:
+    def __init__(self, record: dict[str, Any] | None = None, keep: int | None = None) -> None:
         self.record = record or {}
+        self.keep = keep
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        run_dir = Path(args.output_dir)
+        folder = run_dir / f"checkpoint-{state.global_step}"
+        fsync_tree(folder)  # this process's files (its RNG state, its shard) are on disk ...
+        barrier()  # ... and so are every other process's
         if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             mark = {"step": state.global_step, **self.record}
             write_atomic(folder / COMPLETE_MARK, json.dumps(mark) + "\n")
+            rotate(run_dir, self.keep)
+
+
+def rotate(run_dir: Path, keep: int | None) -> None:
+    """Delete all but the newest `keep` complete checkpoints (by step; incomplete ones are resume's business)."""
+    if keep is None:
+        return
+    for old in checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class CurrentIntervals(TrainerCallback):
@@ -96,8 +136,9 @@ class StopOnSignal(TrainerCallback):
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, on_signal: Callable[[], None] | None = None) -> None:
         self.received: int | None = None
+        self.on_signal = on_signal  # runs first, and may raise: a launcher's SIGTERM after another process died
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopOnSignal:
@@ -111,6 +152,8 @@ class StopOnSignal(TrainerCallback):
         self._previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.on_signal is not None:
+            self.on_signal()
         if self.received is not None:
             self.__exit__()
             raise KeyboardInterrupt

@@ -2,16 +2,14 @@
 
 Layout: `recipe.yaml` (resolved), `metrics.jsonl` (one object per log/eval step), the adapter
 (`adapter_model.safetensors`, `adapter_config.json`) with the tokenizer, `summary.json`, and TRL's
-`checkpoint-N/` folders. Files are written to a temporary name and renamed, so none is ever half-written.
+`checkpoint-N/` folders. Files are written whole or not at all (`files`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
-from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,8 @@ from transformers import TrainerCallback
 from psipo_cli.errors import UserError
 from psipo_cli.recipe.loader import dump_recipe
 from psipo_cli.recipe.schema import SAMPLING_LOSSES, Recipe
+from psipo_cli.run.files import append_line, write_atomic
+from psipo_cli.run.lock import LOCK_FILE, refuse_if_held
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -43,13 +43,19 @@ def check_output_dir(path: Path, overwrite: bool, resume: bool) -> None:
     where = "output.dir"
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} exists and is a file", where=where)
+    refuse_if_held(path)  # before any other complaint: a live run there is the thing to know
     if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
         raise UserError(
             f"{path} already holds a run; pass --overwrite to replace it or --resume to continue", where=where
         )
-    if overwrite and path.is_dir() and any(path.iterdir()) and not (path / RECIPE_FILE).exists():
+    if overwrite and path.is_dir() and not (path / RECIPE_FILE).exists() and _foreign(path):
         raise UserError(f"{path} is not empty and is not a psipo run; refusing to delete it", where=where)
     check_writable(path, where)
+
+
+def _foreign(path: Path) -> bool:
+    """Whether `path` holds anything but a psipo lock: a directory psipo must not delete."""
+    return any(child.name != LOCK_FILE for child in path.iterdir())
 
 
 def check_writable(path: Path, where: str) -> None:
@@ -85,24 +91,13 @@ def check_free_space(path: Path, checkpoint_size: int) -> None:
 
 
 def create_run_dir(path: Path, overwrite: bool) -> None:
+    """The run directory, emptied with `overwrite`: all but the lock this run holds."""
     if overwrite and path.is_dir():
-        shutil.rmtree(path)
+        for child in path.iterdir():
+            if child.name == LOCK_FILE:
+                continue
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     path.mkdir(parents=True, exist_ok=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_jsonl_atomic(path: Path, rows: Iterable[Any]) -> None:
-    """One JSON object per line, written to a temporary name and renamed: the file is complete or absent."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def write_recipe(run_dir: Path, recipe: Recipe) -> None:
@@ -190,5 +185,4 @@ class MetricsFile(TrainerCallback):
         split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         record: dict[str, Any] = {"step": state.global_step, "split": split}
         record.update({key.removeprefix("eval_"): value for key, value in logs.items()})
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))

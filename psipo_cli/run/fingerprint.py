@@ -18,13 +18,15 @@ from psipo_cli.data.pairs import PreferenceData
 from psipo_cli.errors import UserError, shown
 from psipo_cli.recipe.schema import Recipe
 from psipo_cli.run.checkpoints import COMPLETE_MARK, checkpoint_step
-from psipo_cli.run.directory import RECIPE_FILE, write_atomic
+from psipo_cli.run.directory import RECIPE_FILE
+from psipo_cli.run.files import write_atomic
 
 # Recipe keys (and the sections under them) that change how a run is watched, saved, spread or reported, not what it
 # computes. max_steps/num_train_epochs: extending (or shortening) a run is legitimate; a decaying schedule is then
 # recomputed over the new length from the restored step. The training pairs are compared by content, so their path,
-# column mapping and too_long policy matter only through it. distributed: the number of processes, which does shape
-# the batch, is compared on its own.
+# column mapping and too_long policy matter only through it. The batch is compared as pairs per optimizer step
+# (per-device batch × accumulation × processes), so a run may resume on another number of processes with the same
+# global batch; whether its optimizer state can follow is `check_partitioning`'s question.
 FREE_KEYS = (
     "description",
     "output",
@@ -36,6 +38,7 @@ FREE_KEYS = (
     "training.logging_steps",
     "training.save_steps",
     "training.save_total_limit",
+    "training.max_bad_steps",
     "training.eval_steps",
     "training.per_device_eval_batch_size",
     "training.dataloader_num_workers",
@@ -44,6 +47,8 @@ FREE_KEYS = (
     "objective.precompute_ref_log_probs",  # the same reference, computed before training or every step
     "training.max_steps",
     "training.num_train_epochs",
+    "training.per_device_train_batch_size",
+    "training.gradient_accumulation_steps",
 )
 # Files of a local model (or starting adapter) whose size and mtime identify it: retrained in place, it differs.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", "config.json", ".index.json", "tokenizer.json")
@@ -87,7 +92,9 @@ def run_fingerprint(recipe: Recipe, train: PreferenceData, processes: int) -> di
         "rollout.reward_model files": model_identity(recipe.rollout.reward_model, None)["files"]
         if recipe.rollout
         else {},
-        "processes": processes,
+        "pairs per step": recipe.training.per_device_train_batch_size
+        * recipe.training.gradient_accumulation_steps
+        * processes,
     }
 
 
@@ -149,6 +156,29 @@ def check_resume(checkpoint: Path | None, current: dict[str, Any], force: bool, 
         )
     step = checkpoint_step(checkpoint)
     return ResumeRecord(current, [*earlier, *(f"{key}: {detail} (at step {step})" for key, detail in changed)], step)
+
+
+def check_partitioning(checkpoint: Path | None, processes: int, deepspeed: bool) -> None:
+    """Refuse, before anything is loaded, a resume whose optimizer state cannot follow: DeepSpeed ZeRO shards for
+    another number of processes (DeepSpeed refuses to re-split them, after loading the model), or a switch between
+    DeepSpeed and a plain optimizer (whose state the other would silently not find)."""
+    if checkpoint is None:
+        return
+    shards = sorted(checkpoint.glob("global_step*/*optim_states.pt"))
+    where = "--resume"
+    if bool(shards) != deepspeed:
+        saved, now = ("DeepSpeed ZeRO", "without DeepSpeed") if shards else ("a plain optimizer", "under DeepSpeed")
+        raise UserError(
+            f"{checkpoint.name} holds the optimizer state of {saved}, and this run is {now}; resume with the "
+            "distributed settings it was saved with",
+            where=where,
+        )
+    if shards and len(shards) != processes:
+        raise UserError(
+            f"{checkpoint.name} holds DeepSpeed optimizer shards for {len(shards)} processes, which DeepSpeed cannot "
+            f"re-split for {processes}; resume with {len(shards)} processes",
+            where=where,
+        )
 
 
 def _read_mark(checkpoint: Path) -> dict[str, Any]:

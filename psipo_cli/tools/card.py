@@ -15,8 +15,9 @@ import yaml
 from psipo_cli.models.loading import describe_reference
 from psipo_cli.recipe.loader import looks_local
 from psipo_cli.recipe.schema import SAMPLING_LOSSES, Recipe
-from psipo_cli.run.directory import SUMMARY_FILE, data_unit, library_versions, read_metrics, write_atomic
+from psipo_cli.run.directory import SUMMARY_FILE, data_unit, library_versions, read_metrics
 from psipo_cli.run.display import SUMMARY_KEYS, describe_rollout
+from psipo_cli.run.files import write_atomic
 
 CARD_FILE = "README.md"
 

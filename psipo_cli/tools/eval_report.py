@@ -17,7 +17,7 @@ from torch import Tensor
 from psipo_cli.data.pairs import PreferenceData
 from psipo_cli.errors import UserError
 from psipo_cli.recipe.schema import Recipe
-from psipo_cli.run.directory import write_atomic, write_jsonl_atomic
+from psipo_cli.run.files import write_atomic, write_jsonl_atomic
 from psipo_cli.tools.scoring import PairScores, aggregation
 
 EVAL_DIR = "eval"

@@ -9,7 +9,7 @@ from psipo_cli.data.pairs import validated_rows
 from psipo_cli.errors import UserError
 from psipo_cli.models.loading import load_tokenizer, to_inference_device
 from psipo_cli.recipe.schema import Columns, DataSource
-from psipo_cli.run.directory import write_jsonl_atomic
+from psipo_cli.run.files import write_jsonl_atomic
 from psipo_cli.training.reward import (
     load_reward_model,
     pair_ids,

@@ -10,6 +10,8 @@ import torch
 from psipo_cli.recipe.schema import Recipe
 from psipo_cli.training.distributed import deepspeed_config
 
+PSIPO_KEYS = {"eval_steps", "prefix_sharing", "pack_tokens", "save_total_limit", "max_bad_steps"}
+
 
 def trainer_arguments(config_class: type, recipe: Recipe, has_eval: bool, **stage_specific: Any) -> Any:
     """`config_class` (DPOConfig, RewardConfig, ...) from the recipe: training.* by name, the rest mapped here.
@@ -17,7 +19,8 @@ def trainer_arguments(config_class: type, recipe: Recipe, has_eval: bool, **stag
     Dropout stays on in TRL's sense (`disable_dropout=False`): TRL's switch would zero `adapter.dropout` too, so
     `models.loading.disable_base_dropout` turns every other dropout off after the trainer is built.
     """
-    training = recipe.training.model_dump(exclude={"eval_steps", "prefix_sharing", "pack_tokens"})  # psipo's own keys
+    # psipo's own keys; save_total_limit: psipo deletes old checkpoints itself, once the new one is sealed
+    training = recipe.training.model_dump(exclude=PSIPO_KEYS)
     if "max_length" in {f.name for f in dataclasses.fields(config_class)}:  # the sampling stages' is per response
         training["max_length"] = recipe.data.max_length
     return config_class(

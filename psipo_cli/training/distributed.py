@@ -76,6 +76,26 @@ def deepspeed_config(dist: DistributedSection) -> dict[str, Any] | None:
     }
 
 
+def uses_deepspeed(dist: DistributedSection) -> bool:
+    """Whether this launch trains under DeepSpeed (the recipe's or the accelerate config's)."""
+    return launcher_zero_stage() is not None or deepspeed_config(dist) is not None
+
+
+def single_process_rendezvous() -> None:
+    """Let DeepSpeed run in a process no launcher started (`psipo finetune`, `psipo launch -n 1`): it needs the
+    rendezvous variables a launcher sets, or it looks for MPI. A launched process has them already."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
+
+
 def prepare_zero3_init(args: Any) -> None:
     """Under ZeRO-3, bring deepspeed.comm up on the launcher's process group before the model is built.
 
@@ -97,11 +117,30 @@ def max_over_processes(values: list[float], device: Any) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if world()[1] == 1:
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.tolist()
+
+
+def world() -> tuple[int, int]:
+    """(this process's rank, the number of processes), as torch.distributed sees them. Before the Trainer exists,
+    accelerate's PartialState may disagree: on CPU under a multi-GPU accelerate config it brings the process group
+    up yet reports one process (each its own main), until TrainingArguments sets the state up again."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    """Wait for every process (nothing in a single process)."""
+    import torch.distributed as dist
+
+    if world()[1] > 1:
+        dist.barrier()
 
 
 def default_accelerate_config(num_processes: int) -> Path:

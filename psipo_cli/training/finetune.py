@@ -25,6 +25,7 @@ from psipo_cli.run.checkpoints import (
     checkpoints,
     prepare_resume,
     resume_point,
+    stop_if_a_write_failed,
 )
 from psipo_cli.run.directory import (
     METRICS_FILE,
@@ -40,8 +41,17 @@ from psipo_cli.run.directory import (
     write_summary,
 )
 from psipo_cli.run.display import Display
-from psipo_cli.run.fingerprint import check_resume, run_fingerprint
+from psipo_cli.run.divergence import DivergenceGuard
+from psipo_cli.run.fingerprint import check_partitioning, check_resume, run_fingerprint
+from psipo_cli.run.lock import acquire
+from psipo_cli.run.processes import Processes, agree_on_error, stop_if_a_process_died
 from psipo_cli.tools.hub import finish_run_exports
+from psipo_cli.training.distributed import (
+    barrier,
+    single_process_rendezvous,
+    uses_deepspeed,
+    world,
+)
 from psipo_cli.training.inputs import Prepared
 from psipo_cli.training.layout_check import layout_summary
 from psipo_cli.training.stages import stage_for
@@ -88,52 +98,95 @@ def run(
     """
     display = display or Display("quiet")
     transformers.utils.logging.disable_progress_bar()  # the weight-loading bar: psipo's banner says what loaded
-    state = PartialState()  # brings the process group up (gloo on CPU) before anything is loaded
+    PartialState()  # brings the process group up (gloo on CPU) before anything is loaded
+    rank, processes_n = world()
+    is_main = rank == 0
     prepared = prepare(recipe, overwrite, bool(resume))
     run_dir = Path(recipe.output.dir)
     checkpoint = resume_point(run_dir, resume if isinstance(resume, Path) else None) if resume else None
-    fingerprint = run_fingerprint(recipe, prepared.train, state.num_processes)
-    record = check_resume(checkpoint, fingerprint, force_resume, state.is_main_process)  # before anything is written
-    state.wait_for_everyone()  # every process has checked output.dir before the main one creates it
-    stopper = StopOnSignal()
-    with _no_half_made_run(run_dir, state.is_main_process):
+    fingerprint = run_fingerprint(recipe, prepared.train, processes_n)
+    record = check_resume(checkpoint, fingerprint, force_resume, is_main)  # before anything is written
+    check_partitioning(checkpoint, processes_n, uses_deepspeed(recipe.distributed))
+    barrier()  # every process has checked output.dir before the main one locks and creates it
+    with _no_half_made_run(run_dir, is_main), _holding(run_dir, is_main) as processes:
+        if uses_deepspeed(recipe.distributed):
+            single_process_rendezvous()
         trainer = build_trainer(prepared)  # TRL's Trainer already creates output.dir
         check_free_space(run_dir, checkpoint_bytes(trainer.model))
-        if state.is_main_process:
+        if is_main:
             if checkpoint is None:
                 create_run_dir(run_dir, overwrite)
             else:
                 prepare_resume(run_dir, checkpoint)
                 record.keep_replaced_recipe(run_dir)
             write_recipe(run_dir, recipe)
-        state.wait_for_everyone()
+        barrier()
         stage_for(recipe.objective.loss).ready(trainer)  # e.g. the layout self-check, which the banner reports
         display.banner(trainer, prepared)
-        for callback in (ProgressCallback, PrinterCallback):  # psipo's display replaces the Trainer's tqdm/prints
-            trainer.remove_callback(callback)
-        callbacks = (MetricsFile(run_dir), MarkComplete(record.mark()), CurrentIntervals(), stopper, display.callback())
-        for callback in callbacks:
-            trainer.add_callback(callback)
+        guard, stopper = _watch(trainer, recipe, record.mark(), processes, display)
         started = time.perf_counter()
         try:
             with stopper:  # only while training: Ctrl-C during loading stops at once
                 result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except Exception as err:
+            stop_if_a_process_died(processes, trainer.state.global_step, err)
+            stop_if_a_write_failed(run_dir, err)
+            raise
         finally:
             display.close()
         runtime = time.perf_counter() - started
-    if stopper.received is not None:
-        raise RunInterrupted(_interrupted_message(run_dir, trainer, stopper.received), stopper.received)
-    if prepared.eval is not None and _last_eval_step(run_dir) != trainer.state.global_step:
-        trainer.evaluate()  # logged to metrics.jsonl like the periodic evaluations
-    save_adapter(trainer, run_dir)
-    summary = summarize(trainer, prepared, result.metrics, runtime)
-    if record.forced:
-        summary["forced_resume"] = record.forced
-    if trainer.is_world_process_zero():
-        summary["plots"] = _plots(run_dir)
-        write_summary(run_dir, summary)
-        summary["hub_url"] = finish_run_exports(run_dir, recipe, summary).pushed_to  # model card, hub push
+        guard.check(run_dir)
+        if stopper.received is not None:
+            raise RunInterrupted(_interrupted_message(run_dir, trainer, stopper.received), stopper.received)
+        if prepared.eval is not None and _last_eval_step(run_dir) != trainer.state.global_step:
+            trainer.evaluate()  # logged to metrics.jsonl like the periodic evaluations
+        save_adapter(trainer, run_dir)
+        summary = summarize(trainer, prepared, result.metrics, runtime)
+        summary["bad_steps"] = guard.bad_total
+        if record.forced:
+            summary["forced_resume"] = record.forced
+        if trainer.is_world_process_zero():
+            summary["plots"] = _plots(run_dir)
+            write_summary(run_dir, summary)
+            summary["hub_url"] = finish_run_exports(run_dir, recipe, summary).pushed_to  # model card, hub push
     return summary
+
+
+def _watch(
+    trainer: Any, recipe: Recipe, mark: dict[str, Any], processes: Processes, display: Display
+) -> tuple[DivergenceGuard, StopOnSignal]:
+    """psipo's callbacks in place of the Trainer's tqdm and prints: metrics, sealed checkpoints, the divergence
+    guard, the signal handler (which names a process that died), the display."""
+    for callback in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(callback)
+    guard = DivergenceGuard.install(trainer, recipe.training.max_bad_steps)
+    stopper = StopOnSignal(on_signal=lambda: stop_if_a_process_died(processes, trainer.state.global_step))
+    sealer = MarkComplete(mark, recipe.training.save_total_limit)
+    run_dir = Path(recipe.output.dir)
+    for callback in (MetricsFile(run_dir), sealer, CurrentIntervals(), stopper, display.callback()):
+        trainer.add_callback(callback)
+    return guard, stopper
+
+
+@contextlib.contextmanager
+def _holding(run_dir: Path, is_main: bool) -> Iterator[Processes]:
+    """Hold output.dir's lock (main process) for the whole run, every process registered; a failed write anywhere
+    in the run becomes its one line."""
+    lock, error = None, None
+    if is_main:
+        try:
+            lock = acquire(run_dir)
+        except UserError as err:
+            error = err
+    agree_on_error(error)
+    try:
+        yield Processes.register(run_dir, lock)
+    except OSError as err:
+        stop_if_a_write_failed(run_dir, err)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _plots(run_dir: Path) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import send_to_device
 from trl import RLOOConfig
 
 from psipo_cli.data.chat import stop_token_ids
@@ -118,8 +119,9 @@ class ResumableSamples:
             raise UserError(
                 f"has no {self._samples_file(checkpoint).name}: resume from an earlier checkpoint", checkpoint
             )
-        saved = torch.load(self._samples_file(checkpoint), weights_only=True, map_location=self.accelerator.device)
-        self._step, self._buffered_inputs = saved["step"], saved["batch"]
+        # Loaded to the CPU first: under DeepSpeed on CPU the device is "cpu:0", a location torch.load cannot map to.
+        saved = torch.load(self._samples_file(checkpoint), weights_only=True, map_location="cpu")
+        self._step, self._buffered_inputs = saved["step"], send_to_device(saved["batch"], self.accelerator.device)
 
 
 def rollout_arguments(recipe: Recipe, has_eval: bool, **stage_specific: Any) -> RLOOConfig:
