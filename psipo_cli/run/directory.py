@@ -96,7 +96,10 @@ def create_run_dir(path: Path, overwrite: bool) -> None:
         for child in path.iterdir():
             if child.name == LOCK_FILE:
                 continue
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     path.mkdir(parents=True, exist_ok=True)
 
 
