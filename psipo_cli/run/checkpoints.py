@@ -59,26 +59,28 @@ def resume_point(run_dir: Path, path: Path | None) -> Path:
     return complete[-1]
 
 
+def newest_complete(run_dir: Path) -> str:
+    """'the newest complete checkpoint is PATH', for the line a stopped run ends with."""
+    saved = checkpoints(run_dir)
+    return f"the newest complete checkpoint is {saved[-1]}" if saved else "no checkpoint is complete"
+
+
 def stop_if_a_write_failed(run_dir: Path, err: BaseException) -> None:
     """Turn a failed write (a full disk, a quota, a checkpoint cut short) into the run's one line."""
-    partial = [p for p in checkpoints(run_dir, complete=False) if checkpoint_step(p) > _newest_step(run_dir)]
+    saved = checkpoints(run_dir)
+    newest_step = checkpoint_step(saved[-1]) if saved else -1
+    partial = [p for p in checkpoints(run_dir, complete=False) if checkpoint_step(p) > newest_step]
     disk = isinstance(err, OSError) and err.errno in DISK_ERRNOS
     if not (partial or disk):
         return
     what = f"writing {partial[-1].name}" if partial else "a write into the run directory"
     free = shutil.disk_usage(run_dir).free / 2**20 if run_dir.exists() else 0.0
-    saved = checkpoints(run_dir)
-    resume = f"the newest complete checkpoint is {saved[-1]}" if saved else "no checkpoint is complete"
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0][:200]
     raise RunStopped(
-        f"{what} failed ({reason}; {free:,.0f} MiB free there); {resume}; make room and continue with --resume",
+        f"{what} failed ({reason}; {free:,.0f} MiB free there); {newest_complete(run_dir)}; make room and continue "
+        "with --resume",
         EXIT_WRITE_FAILED,
     ) from None
-
-
-def _newest_step(run_dir: Path) -> int:
-    saved = checkpoints(run_dir)
-    return checkpoint_step(saved[-1]) if saved else -1
 
 
 def prepare_resume(run_dir: Path, checkpoint: Path) -> None:

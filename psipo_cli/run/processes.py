@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from psipo_cli.errors import EXIT_PROCESS_DIED, RunStopped, UserError
-from psipo_cli.run.checkpoints import checkpoints
+from psipo_cli.run.checkpoints import newest_complete
 from psipo_cli.run.lock import LOCK_FILE, RunLock
 from psipo_cli.training.distributed import world
 
@@ -84,18 +84,15 @@ class Processes:
     def died_line(self, step: int, collective_failed: bool) -> str | None:
         """The one line a survivor ends with if another process of the job is gone (or, `collective_failed`, went
         silent on another host); else None."""
-        dead = self.dead() if len(self.peers) > 1 else []
-        if not (dead or (collective_failed and len(self.peers) > 1)):
+        dead, n = self.dead(), len(self.peers)
+        if not (dead or (collective_failed and n > 1)):
             return None
-        saved = checkpoints(self.run_dir)
-        resume = f"the newest complete checkpoint is {saved[-1]}" if saved else "no checkpoint was completed"
-        n = len(self.peers)
         if dead:
             who = ", ".join(f"rank {p['rank']} (pid {p['pid']})" for p in dead)
             cause = f"{who} died near step {step}"
         else:  # a process on another node: its own node's log says why
             cause = f"another process of the job stopped near step {step} (not on this host: see its node's log)"
-        return f"{cause}; {resume}; continue with --resume and {n} processes"
+        return f"{cause}; {newest_complete(self.run_dir)}; continue with --resume and {n} processes"
 
 
 def _running(pid: int) -> bool:

@@ -15,7 +15,7 @@ import transformers
 from accelerate import PartialState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from psipo_cli.errors import RunInterrupted, UserError
+from psipo_cli.errors import RunInterrupted, RunStopped, UserError
 from psipo_cli.models.loading import describe_reference, load_tokenizer
 from psipo_cli.recipe.schema import Recipe
 from psipo_cli.run.checkpoints import (
@@ -106,10 +106,11 @@ def run(
     checkpoint = resume_point(run_dir, resume if isinstance(resume, Path) else None) if resume else None
     fingerprint = run_fingerprint(recipe, prepared.train, processes_n)
     record = check_resume(checkpoint, fingerprint, force_resume, is_main)  # before anything is written
-    check_partitioning(checkpoint, processes_n, uses_deepspeed(recipe.distributed))
+    deepspeed = uses_deepspeed(recipe.distributed)
+    check_partitioning(checkpoint, processes_n, deepspeed)
     barrier()  # every process has checked output.dir before the main one locks and creates it
     with _no_half_made_run(run_dir, is_main), _holding(run_dir, is_main) as processes:
-        if uses_deepspeed(recipe.distributed):
+        if deepspeed:
             single_process_rendezvous()
         trainer = build_trainer(prepared)  # TRL's Trainer already creates output.dir
         check_free_space(run_dir, checkpoint_bytes(trainer.model))
@@ -128,9 +129,8 @@ def run(
         try:
             with stopper:  # only while training: Ctrl-C during loading stops at once
                 result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        except Exception as err:
+        except Exception as err:  # a failed write is `_holding`'s to report, once this has ruled out a dead process
             stop_if_a_process_died(processes, trainer.state.global_step, err)
-            stop_if_a_write_failed(run_dir, err)
             raise
         finally:
             display.close()
@@ -181,7 +181,9 @@ def _holding(run_dir: Path, is_main: bool) -> Iterator[Processes]:
     agree_on_error(error)
     try:
         yield Processes.register(run_dir, lock)
-    except OSError as err:
+    except (RunStopped, UserError):
+        raise  # already the run's one line (a dead process during a save keeps its own)
+    except Exception as err:  # a full disk, or a checkpoint cut short (torch.save raises RuntimeError)
         stop_if_a_write_failed(run_dir, err)
         raise
     finally:
