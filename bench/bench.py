@@ -13,7 +13,8 @@ non-embedding parameters, the tiny tokenizer's 768-token vocabulary, saved to a 
 alpha 32, no dropout, all linear layers), IPO with τ = 0.1 (token-mean log-probs in both), constant learning rate,
 seed 0, the data read in file order by every trainer. psipo is built through its own API (a recipe dict →
 `psipo_cli.training.finetune.prepare` + `build_trainer`) with `training.prefix_sharing` true ("prefix-shared": one
-`[prompt | chosen | rejected]` row per pair), with `training.pack_tokens` ("packed": several pairs per row) and
+`[prompt | chosen | rejected]` row per pair), with `training.pack_tokens` ("packed": rows filled with as many pairs
+as fit, `pack_rows` rows of `pack_tokens` per step, sized to hold TRL's pair count on average) and
 with prefix sharing false ("concatenated": TRL's layout, 2 rows per pair); TRL is built directly (`DPOConfig` +
 `DPOTrainer(peft_config=LoraConfig(...))`), and pads as it does by default. Data shapes (bench/shapes.py): fixed
 "prompt-heavy" 192 prompt + 64 + 64 response tokens and "response-heavy" 64 + 160 + 160 at max_length 512 (batch
@@ -25,16 +26,18 @@ and they take turns: each builds its trainer, then one training step each, round
 alternating between configurations. A drift of the machine's speed (±15% over minutes here) so hits every arm
 alike, while the arms waiting for their turn sleep, so nothing competes for the CPU. Each turn is timed from being
 handed the turn (the batch is fetched and collated inside it) to the end of the optimizer step. The first `warmup`
-steps are left out of tokens/s, MFU and the ratio to TRL, which come from the rest, all arms having trained on the
-same pairs; the ratio's spread is the ratio of each third of those steps on its own. The whole-run ratio is
+steps are left out of tokens/s, MFU and the ratio to TRL, which come from the rest; every arm records the pairs it
+collated at each step, the same pairs for every arm but a packed one, whose steps hold as many as fit (checked:
+an arm reading a pair count must have read the file in order). The ratio's spread is the ratio of each third of
+those steps on its own. The whole-run ratio is
 train()'s wall time with every step (the first holds train()'s set-up and psipo's self-check), as a user's
 clock sees a short run. Peak RSS is each process's own (VmHWM, model load included). The CPU time other
 processes take during the turns is measured (`foreign_cpu_share`): on 2 threads and 2 cores any other busy process
 slows every step several-fold.
 
 Numbers:
-- tokens/s: real training tokens per second, counted by this script from the tokenised data the same way for
-  every trainer: prompt + chosen + rejected, prompt counted once, no padding.
+- tokens/s: real training tokens per second, counted from the pairs each arm collated, the same way for every
+  trainer: prompt + chosen + rejected, prompt counted once, no padding.
 - MFU: model FLOPs / measured matmul peak. Per pair: (4 + 2r)·N·T + (3 + r)·4·n_layer·d_attn·C, where T = its
   real tokens, N = non-embedding parameters (transformer blocks only), 4N = the frozen policy's forward +
   activation gradients (no weight gradients under LoRA), 2N = the reference forward (r = 1 when computed per
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -80,6 +84,13 @@ ENV = {
     "DATASETS_VERBOSITY": "error",
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONWARNINGS": "ignore",
+    # glibc malloc serves every tensor over 32 MiB with a fresh mmap and unmaps it when freed, so each step of a
+    # large padded batch page-faults its activations in again, at a cost that depends on the host's memory state:
+    # TRL's steps of the same batch took 3.7 s in one run and 6.8 s in another. Keeping freed memory in the heap
+    # (no mmap, no trim), as a GPU's caching allocator does, times the layouts' compute rather than the kernel's
+    # page faults, and removes that noise (README, "Benchmark against stock TRL", for what it changed).
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(2**40),
     "OMP_NUM_THREADS": str(THREADS),
     "MKL_NUM_THREADS": str(THREADS),
 }
@@ -94,8 +105,10 @@ FULL = {
     "shapes": {
         "prompt-heavy": {"batch": 4, "max_length": 512},
         "response-heavy": {"batch": 4, "max_length": 512},
-        "uf-like": {"batch": 4, "max_length": 1024, "pack_tokens": 1024},
-        "hh-like": {"batch": 8, "max_length": 512, "pack_tokens": 1024},
+        # Packed arms fill pack_rows rows of pack_tokens per step (token_budget.py), chosen so that a step holds as
+        # many pairs as TRL's on average (4.0 and 8.0 on these lengths): the same work per step, the same memory.
+        "uf-like": {"batch": 4, "max_length": 1024, "pack_tokens": 1536, "pack_rows": 2},
+        "hh-like": {"batch": 8, "max_length": 512, "pack_tokens": 768, "pack_rows": 3},
         "long-context": {"batch": 2, "max_length": 2048},
     },
     "configs": [
@@ -115,7 +128,7 @@ FULL = {
 }
 QUICK = {
     "model": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 172},
-    "shapes": {"hh-like": {"batch": 4, "max_length": 256, "pack_tokens": 512}},
+    "shapes": {"hh-like": {"batch": 4, "max_length": 256, "pack_tokens": 512, "pack_rows": 2}},
     "configs": [_config("hh-like", ("shared", "packed"))],
     "warmup": 1,
     "steps": 3,
@@ -189,7 +202,9 @@ def pairs_needed(plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
     shapes = {name: dict(shape, pairs=0) for name, shape in plan["shapes"].items()}
     for row in resolve(plan):
         shape = shapes[row["shape"]]
-        shape["pairs"] = max(shape["pairs"], row["batch"] * (row["warmup"] + row["steps"]))
+        # A packed arm's steps hold as many pairs as fit, TRL's `batch` on average: half as many again to spare.
+        spare = 1.5 if "pack_rows" in shape else 1
+        shape["pairs"] = max(shape["pairs"], math.ceil(spare * row["batch"] * (row["warmup"] + row["steps"])))
     return shapes
 
 
@@ -199,7 +214,7 @@ def measure_row(row: dict[str, Any], work: Path, index: int, log: Any) -> dict[s
         "model": str(work / "model"),
         "data": str(work / f"{row['shape']}.jsonl"),
         "steps": row["warmup"] + row["steps"],
-        **{key: row.get(key) for key in ("batch", "max_length", "pack_tokens", "gc", "precompute")},
+        **{key: row.get(key) for key in ("batch", "max_length", "pack_tokens", "pack_rows", "gc", "precompute")},
     }
     arms = [*row["arms"], TRL]
     race = run_race(spec, arms if index % 2 == 0 else arms[::-1], work)

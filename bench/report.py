@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shapes import contexts
+
 TRL = "trl/concat"
 ARM_LABEL = {"psipo/shared": "prefix-shared", "psipo/concat": "concatenated", "psipo/packed": "packed"}
 
@@ -26,39 +28,48 @@ def blocks(values: list[float], count: int) -> list[list[float]]:
     return [values[round(i * size) : round((i + 1) * size)] for i in range(count)]
 
 
+def _rate(seconds: list[float], tokens: list[int]) -> float:
+    return sum(tokens) / sum(seconds)
+
+
 def race_figures(row: dict[str, Any], plan: dict[str, Any], meta: dict[str, Any], peak: float) -> dict[str, Any]:
-    """Per arm: tokens/s, samples/s and MFU over the timed steps; per psipo arm, its ratios to TRL: over the timed
-    steps (all arms trained on the same pairs) with their spread (the ratio of each of `plan['blocks']` blocks of
-    consecutive steps), of the whole train() time, of the first step, and of peak RSS (> 1: psipo uses more)."""
+    """Per arm: tokens/s, samples/s and MFU over the timed steps, counted from the pairs the arm collated at each
+    step (`batches`). Per psipo arm, its ratios to TRL: of tokens/s over the timed steps, with their spread (the
+    ratio of each of `plan['blocks']` blocks of consecutive steps), of the whole train() run (every step's tokens
+    over train()'s time), of the first step's time, and of peak RSS (> 1: psipo uses more). Arms reading a pair
+    count must have read the file's pairs in order, all the same: checked against the data."""
     shape = meta["shapes"][row["shape"]]
-    warmup, batch = plan["warmup"], row["batch"]
-    steps = warmup + plan["steps"]
-    tokens = step_tokens(shape["tokens"], batch, steps)[warmup:]
-    pairs = slice(warmup * batch, steps * batch)
-    flops = sum(
-        flops_per_pair(meta, t, c, not row["precompute"])
-        for t, c in zip(shape["tokens"][pairs], shape["contexts"][pairs], strict=True)
-    )
+    warmup = plan["warmup"]
+    in_order = step_tokens(shape["tokens"], row["batch"], warmup + plan["steps"])
     arms: dict[str, Any] = {}
     for arm, run in row["race"]["arms"].items():
-        turns = run["turn_s"]
-        seconds = sum(turns[warmup:])
+        tokens = [sum(map(sum, step)) for step in run["batches"]]
+        if arm != "psipo/packed" and tokens != in_order:
+            raise SystemExit(f"bench: {arm} did not train on the file's pairs in order ({tokens} != {in_order})")
+        timed = run["batches"][warmup:]
+        seconds = sum(run["turn_s"][warmup:])
+        flops = sum(flops_per_pair(meta, sum(p), contexts(*p), not row["precompute"]) for step in timed for p in step)
         arms[arm] = {
-            "tokens_per_s": sum(tokens) / seconds,
-            "samples_per_s": batch * plan["steps"] / seconds,
+            "tokens_per_s": sum(tokens[warmup:]) / seconds,
+            "samples_per_s": sum(map(len, timed)) / seconds,
             "mfu": flops / seconds / (peak * 1e9),
-            "first_step_s": turns[0],
-            "step_s": turns[warmup:],
+            "first_step_s": run["turn_s"][0],
+            "step_s": run["turn_s"][warmup:],
+            "step_tokens": tokens[warmup:],
+            "step_pairs": [len(step) for step in timed],
+            "whole_run_tokens_per_s": sum(tokens) / run["train_s"],
             **{key: run[key] for key in ("train_s", "rss_peak_mib", "precompute_s", "build_s", "train_loss")},
         }
     trl = arms[TRL]
     for arm, mine in arms.items():
         if arm == TRL:
             continue
-        mine["ratio"] = sum(trl["step_s"]) / sum(mine["step_s"])
-        pieces = zip(blocks(trl["step_s"], plan["blocks"]), blocks(mine["step_s"], plan["blocks"]), strict=True)
-        mine["ratio_blocks"] = [sum(t) / sum(m) for t, m in pieces]
-        mine["whole_run_ratio"] = trl["train_s"] / mine["train_s"]
+        mine["ratio"] = mine["tokens_per_s"] / trl["tokens_per_s"]
+        count = plan["blocks"]
+        theirs = zip(blocks(trl["step_s"], count), blocks(trl["step_tokens"], count), strict=True)
+        ours = zip(blocks(mine["step_s"], count), blocks(mine["step_tokens"], count), strict=True)
+        mine["ratio_blocks"] = [_rate(*m) / _rate(*t) for m, t in zip(ours, theirs, strict=True)]
+        mine["whole_run_ratio"] = mine["whole_run_tokens_per_s"] / trl["whole_run_tokens_per_s"]
         mine["first_step_ratio"] = trl["first_step_s"] / mine["first_step_s"]
         mine["peak_rss_ratio"] = mine["rss_peak_mib"] / trl["rss_peak_mib"]
     return arms
@@ -121,14 +132,24 @@ def agreement(now: dict[str, Any], before: dict[str, Any], tolerance: float = 0.
 
 
 def data_table(results: dict[str, Any]) -> str:
-    """The length statistics of every shape's data, as drawn."""
+    """The length statistics of every shape's data, as drawn, and for packed shapes the padding of their batches."""
     lines = [
-        "| data | pairs | batch | max_length | prompt median / mean / p90 / max | response median / mean / p90 / max |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| data | pairs | batch | max_length | prompt median / mean / p90 / max | response median / mean / p90 / max "
+        "| packed: rows × tokens, pairs a step, padding by pair count → by tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, shape in results["model"]["shapes"].items():
         data = results["plan"]["shapes"][name]
         stats = shape["statistics"]
         cells = [" / ".join(f"{stats[col][k]:g}" for k in ("median", "mean", "p90", "max")) for col in stats]
-        lines.append(f"| {name} | {data['pairs']} | {data['batch']} | {data['max_length']} | {' | '.join(cells)} |")
+        packing = shape.get("packing")
+        packed = (
+            f"{data['pack_rows']} × {data['pack_tokens']}, {packing['pairs_per_step_by_tokens']:.1f}, "
+            f"{packing['padding_pair_count']:.0%} → {packing['padding_by_tokens']:.0%}"
+            if packing
+            else ""
+        )
+        lines.append(
+            f"| {name} | {data['pairs']} | {data['batch']} | {data['max_length']} | {' | '.join(cells)} | {packed} |"
+        )
     return "\n".join(lines)

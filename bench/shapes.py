@@ -115,3 +115,37 @@ def statistics_of(lengths: list[tuple[int, int, int]]) -> dict[str, dict[str, fl
         }
         for name, values in columns.items()
     }
+
+
+def _padded(rows: list[int]) -> int:
+    """Tokens a batch of rows computes: every row padded to the longest."""
+    return len(rows) * max(rows)
+
+
+def _next_fit(sizes: list[int], budget: int) -> list[int]:
+    """Row lengths when `sizes` go into rows of `budget` tokens in order, as psipo's collator packs a batch."""
+    rows: list[int] = []
+    for size in sizes:
+        if not rows or rows[-1] + size > budget:
+            rows.append(0)
+        rows[-1] += size
+    return rows
+
+
+def packing_figures(shape: str, data: dict[str, Any], pairs: int = 4000, seed: int = 99) -> dict[str, float]:
+    """Padding of packed batches on `pairs` pairs drawn like `shape`'s: a fixed pair count (`batch` pairs a step,
+    packed in order into rows of `pack_tokens`) against psipo's batches by tokens (`pack_rows` rows a step), as
+    padded tokens per real token, and the pairs a step holds by tokens."""
+    from psipo_cli.training.token_budget import plan_batches, row_length
+
+    lengths = draw_lengths(shape, pairs, data["max_length"], seed)
+    sizes = [row_length(*pair, data["max_length"]) for pair in lengths]
+    budget, batch = data["pack_tokens"], data["batch"]
+    fixed = sum(_padded(_next_fit(sizes[i : i + batch], budget)) for i in range(0, pairs, batch))
+    plan = plan_batches(sizes, range(pairs), data["pack_rows"], budget)
+    by_tokens = sum(_padded(_next_fit([sizes[i] for i in step], budget)) for step in plan)
+    return {
+        "padding_pair_count": fixed / sum(sizes) - 1,
+        "padding_by_tokens": by_tokens / sum(sizes) - 1,
+        "pairs_per_step_by_tokens": pairs / len(plan),
+    }

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from race import Turns
-from shapes import contexts, draw_lengths, pair_lengths, single_token_words, statistics_of, write_pairs
+from shapes import (
+    contexts,
+    draw_lengths,
+    packing_figures,
+    pair_lengths,
+    single_token_words,
+    statistics_of,
+    write_pairs,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = REPO / "assets" / "tiny-llama"
@@ -60,6 +68,7 @@ def worker_setup(spec: dict[str, Any]) -> dict[str, Any]:
             "tokens": [sum(pair) for pair in lengths],  # real tokens per pair: prompt once + both responses
             "contexts": [contexts(*pair) for pair in lengths],
             "statistics": statistics_of(lengths),
+            "packing": packing_figures(name, data) if "pack_rows" in data else None,
         }
     from psipo_cli.recipe.schema import TrainingSection
 
@@ -104,7 +113,8 @@ def _psipo_trainer(spec: dict[str, Any], layout: str, out: Path) -> Any:
     training = {
         "learning_rate": 1e-4,
         "max_steps": spec["steps"],
-        "per_device_train_batch_size": spec["batch"],
+        # Packed: rows of pack_tokens per step, holding as many pairs as fit (token_budget.py)
+        "per_device_train_batch_size": spec["pack_rows"] if layout == "packed" else spec["batch"],
         "gradient_checkpointing": spec["gc"],
         "logging_steps": 10_000,
         "save_steps": 10_000,
@@ -267,6 +277,29 @@ def _turn_timer(turns: Turns) -> Any:
     return TurnTimer()
 
 
+def _record_batches(trainer: Any) -> list[list[list[int]]]:
+    """Every batch the trainer's training loader collates, in order, as its pairs' (prompt, chosen, rejected) token
+    counts: what each arm trained on, step by step (a packed arm's steps hold other pairs than TRL's). The loader's
+    collate function is wrapped, not the trainer's collator, whose type psipo reads to plan packed batches."""
+    batches: list[list[list[int]]] = []
+    make_loader = trainer.get_train_dataloader
+
+    def recording_loader() -> Any:
+        loader = make_loader()
+        inner = getattr(loader, "base_dataloader", loader)  # accelerate's adapter iterates the loader it wraps
+        collate = inner.collate_fn
+
+        def recording(examples: list[dict[str, Any]]) -> Any:
+            batches.append([[len(e[key]) for key in ("prompt_ids", "chosen_ids", "rejected_ids")] for e in examples])
+            return collate(examples)
+
+        inner.collate_fn = recording
+        return loader
+
+    trainer.get_train_dataloader = recording_loader
+    return batches
+
+
 def worker_arm(spec: dict[str, Any]) -> dict[str, Any]:
     """One arm of a race (race.py): a turn to build its trainer, then one turn per training step."""
     import torch
@@ -282,6 +315,7 @@ def worker_arm(spec: dict[str, Any]) -> dict[str, Any]:
         build_s = time.perf_counter() - started
         timer = _turn_timer(turns)
         trainer.add_callback(timer)
+        batches = _record_batches(trainer)
         rss_before_train = rss_hwm_mib()
         turns.done()
         turns.wait()
@@ -297,6 +331,7 @@ def worker_arm(spec: dict[str, Any]) -> dict[str, Any]:
         "train_loss": result.training_loss,
         "rss_peak_mib": rss_hwm_mib(),
         "rss_before_train_mib": rss_before_train,
+        "batches": batches[: len(timer.turn_s)],  # the loader collates one batch ahead
     }
     turns.done(last=True)
     turns.released()

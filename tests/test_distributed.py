@@ -8,6 +8,7 @@ and the saved adapters within 1e-3 elementwise (see the test). `-m "not distribu
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,23 @@ def test_sampling_stages_run_under_deepspeed(loss: str, strategy: str, tmp_path:
     assert [m["step"] for m in train] == [1, 2, 3]
     assert train[0]["kl_sequence"] == pytest.approx(0.0, abs=1e-5) and train[-1]["kl_sequence"] != 0.0
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), str(tmp_path / loss))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_processes_train_on_batches_packed_by_tokens(tmp_path: Path) -> None:
+    """Packed batches hold as many pairs as fit, so the two processes' batches differ in size: the per-pair metrics
+    are gathered padded and cut back (a plain gather would stop at a size mismatch)."""
+    path = tmp_path / "packed.yaml"
+    training = {"max_steps": 6, "per_device_train_batch_size": 2, "pack_tokens": 96, "logging_steps": 1}
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "packed", training=training)), encoding="utf-8")
+    command = [sys.executable, "-m", "psipo_cli", "launch", str(path), "-n", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    train = [m for m in read_metrics(tmp_path / "packed") if m["split"] == "train"]
+    assert [m["step"] for m in train] == list(range(1, 7))
+    assert all(math.isfinite(m["loss"]) and 0 <= m["reward_accuracy"] <= 1 for m in train)
+    assert json.loads((tmp_path / "packed" / "summary.json").read_text())["layout"]["pack_tokens"] == 96
 
 
 def test_launch_dry_run_prints_the_accelerate_command(cli, write_recipe) -> None:

@@ -91,23 +91,3 @@ def test_precomputed_reference_is_cached_and_reused_on_a_rerun(write_recipe, mon
     monkeypatch.setattr(PsipoTrainer, "compute_ref_log_probs", must_not_run)
     again = build_trainer(prepare(recipe))  # same model, data and settings: the cache answers
     assert again.train_dataset["ref_chosen_logps"] == first.train_dataset["ref_chosen_logps"]
-
-
-def test_training_on_packed_rows_follows_the_concatenated_run(write_recipe, tmp_path: Path) -> None:
-    """training.pack_tokens: the run logs the unpacked concatenated run's losses, step by step (1e-5)."""
-    from psipo_cli.run.directory import read_metrics
-    from psipo_cli.training.finetune import run
-
-    losses, layouts = [], []
-    for name, overrides in (("packed", ["training.pack_tokens=96"]), ("plain", ["training.prefix_sharing=false"])):
-        out = tmp_path / name
-        summary = run(load_recipe(write_recipe(), [*overrides, f"output.dir={out}"]))
-        losses.append([m["loss"] for m in read_metrics(out) if m["split"] == "train"])
-        layouts.append((summary["layout"]["layout"], summary["layout"].get("pack_tokens")))
-    assert layouts == [("prefix-shared", 96), ("concatenated", None)]
-    packed = build_trainer(prepare(load_recipe(write_recipe(), ["training.pack_tokens=96"])))
-    batch = packed.data_collator([packed.train_dataset[i] for i in range(8)])
-    assert batch["input_ids"].size(0) < 8 and int(batch["pair"].max()) == 7  # the run's batches hold packed rows
-    assert len(losses[0]) == 4
-    for a, b in zip(*losses, strict=True):
-        assert a == pytest.approx(b, abs=1e-5)

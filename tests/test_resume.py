@@ -41,13 +41,22 @@ SECTIONS = {
         "per_device_eval_batch_size": 64,
     },
 }
+# The resumed run must find its place in the data in both batch plans: a fixed pair count, and packed rows filled by
+# tokens (token_budget.py: planned batches in a new seeded order each epoch). The packed run reads the first
+# PACKED_PAIRS pairs only, so its 60 steps of ~5 pairs cross two epoch boundaries after the resume.
+LAYOUTS = {"pairs": {}, "packed": {"pack_tokens": 96, "per_device_train_batch_size": 3}}
+PACKED_PAIRS = 100
 # Per-step values compared between the resumed and the uninterrupted run (tokens_per_s is wall-clock).
 COMPARED = ("loss", "margin", "reward_accuracy", "logratio_chosen", "logratio_rejected", "grad_norm", "learning_rate")
 
 
-def _recipe(tmp: Path, name: str, **extra: dict) -> Path:
+def _recipe(tmp: Path, name: str, layout: str = "pairs", **extra: dict) -> Path:
     path = tmp / f"{name}.yaml"
-    sections = {**SECTIONS, **extra}
+    sections = {**SECTIONS, "training": {**SECTIONS["training"], **LAYOUTS[layout]}, **extra}
+    if layout == "packed":
+        lines = (TINY_DATA / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:PACKED_PAIRS]
+        (tmp / "train.jsonl").write_text("".join(lines), encoding="utf-8")
+        sections["data"] = {**sections["data"], "train": str(tmp / "train.jsonl")}
     path.write_text(yaml.safe_dump(tiny_recipe(tmp / name, **sections)), encoding="utf-8")
     return path
 
@@ -56,17 +65,18 @@ def _adapter(run_dir: Path) -> dict:
     return load_file(run_dir / "adapter_model.safetensors")
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted run, same seed."""
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def straight(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The uninterrupted run, same seed, and its batch layout."""
     tmp = tmp_path_factory.mktemp("straight")
-    code, _, err = finish(start_psipo(_recipe(tmp, "run")))
+    code, _, err = finish(start_psipo(_recipe(tmp, "run", request.param)))
     assert code == 0, err
-    return tmp / "run"
+    return tmp / "run", request.param
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(straight: Path, tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, "run")
+def test_sigkill_then_resume_equals_an_uninterrupted_run(straight: tuple[Path, str], tmp_path: Path) -> None:
+    straight, layout = straight
+    recipe = _recipe(tmp_path, "run", layout)
     run_dir = tmp_path / "run"
     proc = start_psipo(recipe)
     wait_for(run_dir / f"checkpoint-{SAVE_EVERY}" / COMPLETE_MARK, proc)

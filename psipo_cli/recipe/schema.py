@@ -203,7 +203,10 @@ class TrainingSection(Section):
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 uses num_train_epochs.")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (when max_steps is -1).")
     per_device_train_batch_size: int = Field(
-        4, ge=1, description="Pairs per device per micro-batch (prompts for rlhf and online_psipo)."
+        4,
+        ge=1,
+        description="Pairs per device per micro-batch (prompts for rlhf and online_psipo); with pack_tokens, rows of "
+        "pack_tokens tokens per micro-batch, filled with as many pairs as fit.",
     )
     per_device_eval_batch_size: int = Field(
         8, ge=1, description="Pairs per device per evaluation batch (prompts for rlhf and online_psipo)."
@@ -245,9 +248,10 @@ class TrainingSection(Section):
     pack_tokens: int | None = Field(
         None,
         ge=8,
-        description="Pack a batch's pairs into rows of at most this many tokens (prefix sharing on: pairs never "
-        "attend to each other, positions restart at each pair), so pairs of unequal length carry little padding; "
-        "checked on the first batch like prefix sharing. null: one pair per row.",
+        description="Pack pairs into rows of at most this many tokens (prefix sharing on: pairs never attend to each "
+        "other, positions restart at each pair), so pairs of unequal length carry little padding; a training batch is "
+        "then per_device_train_batch_size such rows holding as many pairs as fit (evaluation keeps its pair count). "
+        "Checked on the first batch like prefix sharing. null: one pair per row.",
     )
 
     @model_validator(mode="after")

@@ -26,7 +26,9 @@ from psipo_cli.run.files import write_atomic
 # recomputed over the new length from the restored step. The training pairs are compared by content, so their path,
 # column mapping and too_long policy matter only through it. The batch is compared as pairs per optimizer step
 # (per-device batch × accumulation × processes), so a run may resume on another number of processes with the same
-# global batch; whether its optimizer state can follow is `check_partitioning`'s question.
+# global batch; whether its optimizer state can follow is `check_partitioning`'s question. Packed runs are the
+# exception: their batches are planned by tokens and dealt out over the processes (token_budget.py), so another
+# process count would give every later step other pairs; the count is part of their fingerprint.
 FREE_KEYS = (
     "description",
     "output",
@@ -95,6 +97,7 @@ def run_fingerprint(recipe: Recipe, train: PreferenceData, processes: int) -> di
         "pairs per step": recipe.training.per_device_train_batch_size
         * recipe.training.gradient_accumulation_steps
         * processes,
+        "processes (packed batches)": processes if recipe.training.pack_tokens else None,
     }
 
 

@@ -234,6 +234,32 @@ HOOKS: tuple[Hook, ...] = (
         "a test sets a hub-kernel name directly, without registering a kernel",
         "the storage behind the property above",
     ),
+    Hook(
+        "transformers.Trainer._get_dataloader",
+        "BatchRebalanceSampler",
+        "names",
+        "training/token_budget.py, training/preference.py",
+        "packed runs return a BatchRebalanceSampler subclass from _get_train_sampler: the Trainer then passes it as "
+        "the batch sampler and keeps accelerate from sharding it a second time",
+        "the Trainer takes a custom batch sampler only through this type check; overriding get_train_dataloader "
+        "would copy its column removal, worker seeding and accelerate preparation",
+    ),
+    Hook(
+        "transformers.Trainer._get_train_sampler",
+        "train_dataset",
+        "parameters",
+        "training/preference.py",
+        "overridden to plan packed batches by tokens",
+        "the Trainer's sampler choice has no public hook",
+    ),
+    Hook(
+        "transformers.Trainer._run_epoch",
+        "set_epoch",
+        "names",
+        "training/token_budget.py",
+        "a new seeded batch order each epoch",
+        "the Trainer reaches a rank-aware batch sampler's set_epoch only here",
+    ),
     *RLOO_HOOKS,  # the sampling stages' (rlhf, online_psipo), in their own table
 )
 
