@@ -60,7 +60,7 @@ check: lint
 assets: install
 	$(BIN)/python scripts/make_tiny_assets.py
 
-# psipo vs stock TRL DPOTrainer (IPO) throughput, memory and MFU: bench/results.json (about 19 minutes on 2 cores)
+# psipo vs stock TRL DPOTrainer (IPO) throughput, memory and MFU: bench/results.json (about 15 minutes on 2 cores)
 bench: install
 	$(BIN)/python bench/bench.py
 
@@ -68,7 +68,7 @@ bench: install
 soak: install
 	$(BIN)/python scripts/soak.py
 
-# Two consecutive runs on a quiet machine and how far each ratio moved between them (about 40 minutes)
+# Two consecutive runs on a quiet machine and how far each ratio moved between them (about 30 minutes)
 bench-repeat: install
 	$(BIN)/python bench/bench.py --out bench/results-first.json
 	$(BIN)/python bench/bench.py --out bench/results.json --against bench/results-first.json

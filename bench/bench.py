@@ -2,7 +2,7 @@
 
 Run it from the repository root:
 
-    make bench                              # or: python bench/bench.py  (about 19 minutes on 2 cores)
+    make bench                              # or: python bench/bench.py  (about 15 minutes on 2 cores)
     python bench/bench.py --quick           # tiny smoke configuration (about a minute)
     python bench/bench.py --out my.json     # figures to my.json instead of bench/results.json
     make bench-repeat                       # two runs in a row, then how far each ratio moved between them

@@ -126,7 +126,8 @@ def test_two_processes_train_on_batches_packed_by_tokens(tmp_path: Path) -> None
     train = [m for m in read_metrics(tmp_path / "packed") if m["split"] == "train"]
     assert [m["step"] for m in train] == list(range(1, 7))
     assert all(math.isfinite(m["loss"]) and 0 <= m["reward_accuracy"] <= 1 for m in train)
-    assert json.loads((tmp_path / "packed" / "summary.json").read_text())["layout"]["pack_tokens"] == 96
+    layout = json.loads((tmp_path / "packed" / "summary.json").read_text())["layout"]
+    assert layout["layout"] == "prefix-shared" and layout["pack_tokens"] == 96
 
 
 def test_launch_dry_run_prints_the_accelerate_command(cli, write_recipe) -> None:

@@ -114,7 +114,8 @@ def test_a_packed_run_trains_as_the_concatenated_layout_on_the_same_batches(
     packed = ["training.pack_tokens=96", "training.per_device_train_batch_size=3"]
     out = tmp_path / "packed"
     summary = run(load_recipe(write_recipe(), [*packed, f"output.dir={out}"]))
-    assert summary["layout"]["pack_tokens"] == 96 and isinstance(samplers[0], TokenBudgetBatches)
+    assert summary["layout"]["layout"] == "prefix-shared" and summary["layout"]["pack_tokens"] == 96
+    assert isinstance(samplers[0], TokenBudgetBatches)
     losses.append([m["loss"] for m in read_metrics(out) if m["split"] == "train"])
     monkeypatch.setattr(PsipoTrainer, "_get_train_sampler", lambda self, train_dataset=None: samplers[0])
     out = tmp_path / "plain"
@@ -124,3 +125,73 @@ def test_a_packed_run_trains_as_the_concatenated_layout_on_the_same_batches(
     for a, b in zip(*losses, strict=True):
         assert a == pytest.approx(b, abs=1e-5)
     assert torch.tensor(losses[0]).std() > 0
+
+
+def _trainer(write_recipe, out: Path, *overrides: str):
+    trainer = build_trainer(prepare(load_recipe(write_recipe(), [*overrides, f"output.dir={out}"])))
+    trainer.args.train_sampling_strategy = "sequential"  # the plan in file order, epochs unshuffled
+    return trainer
+
+
+def _lora(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
+
+
+@pytest.mark.slow
+def test_a_packed_step_weighs_every_pair_alike_across_micro_batches(write_recipe, tmp_path: Path) -> None:
+    """Two micro-batches of unequal pair counts per step train as one batch holding both: the same logged loss and
+    the same adapter (a mean of the two means would weigh the pairs of the shorter batch more)."""
+    packed = ["training.pack_tokens=96", "training.per_device_train_batch_size=2"]
+    accumulated = _trainer(write_recipe, tmp_path / "accumulated", *packed, "training.gradient_accumulation_steps=2")
+    accumulated.train()
+    plan = accumulated.token_batches.batches
+    steps = [plan[i] + plan[i + 1] for i in range(0, 8, 2)]  # max_steps 4
+    assert any(len(plan[i]) != len(plan[i + 1]) for i in range(0, 8, 2))  # else a mean of means would pass too
+    whole = _trainer(write_recipe, tmp_path / "whole", "training.prefix_sharing=false")
+    replay = TokenBudgetBatches([1], rows=1, budget=1, shuffle=False, seed=0)
+    replay.batches = steps
+    whole._get_train_sampler = lambda train_dataset=None: replay
+    whole.train()
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (accumulated, whole)]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=1e-5)
+    ours, theirs = _lora(accumulated), _lora(whole)
+    assert ours.keys() == theirs.keys() and ours
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-4)
+
+
+def test_every_epoch_sets_the_plans_order_however_deep_the_sampler_sits(write_recipe, monkeypatch) -> None:
+    """A resumed multi-process loader wraps the sampler beyond where the Trainer's set_epoch reaches: psipo sets it
+    on the sampler it planned, before the epoch runs."""
+    import transformers
+
+    trainer = build_trainer(prepare(load_recipe(write_recipe(), ["training.pack_tokens=96"])))
+    trainer.get_train_dataloader()
+    seen: list[int] = []
+    monkeypatch.setattr(
+        transformers.Trainer, "_run_epoch", lambda self, *args, epoch, **kwargs: seen.append(self.token_batches.epoch)
+    )
+    trainer._run_epoch(model=None, epoch=3)
+    assert seen == [3]
+
+
+def test_a_packed_run_resumes_only_with_the_same_split_of_its_rows() -> None:
+    """Packed batches are planned per micro-batch and dealt to processes: the same rows per optimizer step split
+    otherwise would train later steps on other pairs, so the fingerprint tells them apart; unpacked runs may."""
+    from types import SimpleNamespace
+
+    from psipo_cli.recipe.schema import Recipe
+    from psipo_cli.run.fingerprint import differences, run_fingerprint
+    from tests.conftest import tiny_recipe
+
+    def fingerprint(batch: int, accumulation: int, processes: int, pack: int | None) -> dict:
+        training = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation}
+        recipe = Recipe.model_validate(tiny_recipe(Path("/tmp/x"), training={**training, "pack_tokens": pack}))
+        return run_fingerprint(recipe, SimpleNamespace(fingerprint="data"), processes)
+
+    assert not differences(fingerprint(4, 1, 2, None), fingerprint(2, 2, 2, None))  # same pairs per step
+    assert not differences(fingerprint(4, 1, 2, 96), fingerprint(4, 1, 2, 96))
+    for other in [(2, 2, 2), (8, 1, 1), (4, 2, 1)]:
+        assert [key for key, _ in differences(fingerprint(4, 1, 2, 96), fingerprint(*other, 96))] == [
+            "packed batches (rows, accumulation, processes)"
+        ]

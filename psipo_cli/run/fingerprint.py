@@ -27,8 +27,8 @@ from psipo_cli.run.files import write_atomic
 # column mapping and too_long policy matter only through it. The batch is compared as pairs per optimizer step
 # (per-device batch × accumulation × processes), so a run may resume on another number of processes with the same
 # global batch; whether its optimizer state can follow is `check_partitioning`'s question. Packed runs are the
-# exception: their batches are planned by tokens and dealt out over the processes (token_budget.py), so another
-# process count would give every later step other pairs; the count is part of their fingerprint.
+# exception: their batches are planned by tokens in rows per micro-batch and dealt out over micro-batches and
+# processes (token_budget.py), so any other split of the same product gives every later step other pairs.
 FREE_KEYS = (
     "description",
     "output",
@@ -97,7 +97,13 @@ def run_fingerprint(recipe: Recipe, train: PreferenceData, processes: int) -> di
         "pairs per step": recipe.training.per_device_train_batch_size
         * recipe.training.gradient_accumulation_steps
         * processes,
-        "processes (packed batches)": processes if recipe.training.pack_tokens else None,
+        "packed batches (rows, accumulation, processes)": [
+            recipe.training.per_device_train_batch_size,
+            recipe.training.gradient_accumulation_steps,
+            processes,
+        ]
+        if recipe.training.pack_tokens
+        else None,
     }
 
 

@@ -31,15 +31,16 @@ from psipo_cli.objectives import margin, pair_losses
 from psipo_cli.recipe.schema import ObjectiveSection
 from psipo_cli.training.arguments import trainer_arguments
 from psipo_cli.training.distributed import prepare_zero3_init
-from psipo_cli.training.forward import ConcatenatedForward, ForwardStep, PrefixSharedCollator, aggregate
+from psipo_cli.training.forward import ConcatenatedForward, ForwardStep, aggregate
 from psipo_cli.training.inputs import Prepared
 from psipo_cli.training.layout_check import CheckedForward, forward_step_for
 from psipo_cli.training.reference import reference_keys, reference_model, with_reference
-from psipo_cli.training.token_budget import TokenBudgetBatches, row_lengths
+from psipo_cli.training.token_budget import PackedTraining
 
 
-class PsipoTrainer(DPOTrainer):
-    """DPO, IPO or ΨPO on LoRA/QLoRA policies, chosen by `objective.loss`."""
+class PsipoTrainer(PackedTraining, DPOTrainer):
+    """DPO, IPO or ΨPO on LoRA/QLoRA policies, chosen by `objective.loss`; packed runs batch by tokens
+    (`PackedTraining`)."""
 
     _tag_names: ClassVar[list[str]] = ["trl", "dpo", "psipo"]
 
@@ -64,25 +65,6 @@ class PsipoTrainer(DPOTrainer):
         super()._set_signature_columns_if_needed()
         if "p_hat" not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, "p_hat"]
-
-    @property
-    def _packs(self) -> bool:
-        return isinstance(self.data_collator, PrefixSharedCollator) and self.data_collator.row_tokens is not None
-
-    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        """Where pairs are packed, batches fill `per_device_train_batch_size` rows by tokens (token_budget.py)."""
-        if not self._packs:
-            return super()._get_train_sampler(train_dataset)
-        args, collator = self.args, self.data_collator
-        return TokenBudgetBatches(
-            row_lengths(train_dataset if train_dataset is not None else self.train_dataset, collator.max_length),
-            rows=args.per_device_train_batch_size,
-            budget=collator.row_tokens,
-            shuffle=args.train_sampling_strategy != "sequential",
-            seed=args.data_seed if args.data_seed is not None else args.seed,
-            processes=args.world_size,
-            rank=args.process_index,
-        )
 
     def _reference_context(self) -> contextlib.AbstractContextManager:
         """Disable the adapter (or switch to the frozen "ref" copy of a starting adapter) for the reference pass."""
@@ -148,7 +130,7 @@ class PsipoTrainer(DPOTrainer):
             psi=self.objective.psi,
             label_eps=self.objective.label_eps,
         )
-        loss = losses.mean()
+        loss = self.step_loss(losses, num_items_in_batch)
         if policy.router_aux_loss is not None:  # MoE load balancing, as TRL's DPOTrainer adds it
             loss = loss + policy.router_aux_loss
         self._record(h, target, logps, inputs, losses, policy.router_aux_loss)
@@ -166,7 +148,7 @@ class PsipoTrainer(DPOTrainer):
         """Append this batch's per-pair metrics from all processes for the next `log`.
 
         TRL's `log` averages each list: with one value per pair that is the mean over pairs, so a short last batch
-        weighs by its size, as in `psipo eval`. gather_for_metrics drops the pairs a sampler repeated to fill it.
+        weighs by its size, as in `psipo eval`. `gather_pairs` (token_budget.py) collects them from every process.
         """
         mode = "train" if self.model.training else "eval"
         pi_c, pi_r, ref_c, ref_r = (x.detach() for x in logps)
@@ -189,21 +171,12 @@ class PsipoTrainer(DPOTrainer):
         if router_aux_loss is not None:
             values["router_aux_loss"] = router_aux_loss.detach().reshape(1)
         for key, value in values.items():
-            self._metrics[mode][key].extend(self._gather(value, mode).float().tolist())
+            self._metrics[mode][key].extend(self.gather_pairs(value, mode).float().tolist())
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(self.forward_step.count_tokens(inputs).reshape(1))
             self._tokens_since_log += int(tokens.sum().item())
             if self._last_log_time is None:
                 self._last_log_time = time.perf_counter()
-
-    def _gather(self, value: Tensor, mode: str) -> Tensor:
-        """A (n,) tensor from every process. gather_for_metrics needs one size everywhere; packed training batches
-        hold as many pairs as fit, so their values are padded to the largest count, gathered, and cut back."""
-        if mode == "eval" or self.accelerator.num_processes == 1 or not self._packs:
-            return self.accelerator.gather_for_metrics(value)
-        counts = self.accelerator.gather(torch.tensor([value.numel()], device=value.device)).tolist()
-        padded = self.accelerator.gather(self.accelerator.pad_across_processes(value, dim=0))
-        return torch.cat([row[:n] for row, n in zip(padded.view(len(counts), -1), counts, strict=True)])
 
     def prediction_step(
         self,

@@ -3,8 +3,8 @@ rows of at most `pack_tokens` tokens with as many pairs as fit, instead of takin
 
 A fixed pair count packs badly when lengths vary: four UltraFeedback-like pairs of ~700 tokens fill four rows of
 1024 to ~70% and every row is padded to the longest. Filling rows by tokens keeps the padding to the rows' ragged
-ends (`bench/`: about 4% on UltraFeedback-like lengths with 2 rows of 1536, against 34% for four pairs in rows of
-1024). A step then holds a varying number of pairs; its loss is their mean, as for any batch.
+ends (`bench/shapes.py`: 4% on UltraFeedback-like lengths with 2 rows of 1536, against 23% for four pairs a step in
+the same rows). A step then holds a varying number of pairs; its loss is the mean over all of them.
 
 The plan is made once, from the pairs' lengths, before training: pairs are taken in the sampler's order (seeded, or
 file order where `train_sampling_strategy` is sequential) and placed first-fit into the batch's rows; a pair that
@@ -12,6 +12,9 @@ fits no row waits for the next batch while up to `WINDOW` later pairs are tried,
 half-empty batch. Each epoch walks the same batches in a new seeded order, so every epoch has the same number of
 steps (the Trainer sizes its schedule from the first). The collator packs a batch's pairs next-fit in the order
 given, which rebuilds exactly these rows because each batch lists its pairs row by row (`plan_batches`).
+
+`PackedTraining` holds the trainer's side: the sampler, each epoch's order, and the loss weighting that makes a
+step's loss the mean over all its pairs however they fall into micro-batches (accumulation) and processes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from typing import Any
 
 import pyarrow.compute as pc
 import torch
+from torch import Tensor
 from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+from psipo_cli.training.forward import PrefixSharedCollator
 
 # Later pairs tried for a batch's free room before it closes. 16 reaches ~96% fill on UltraFeedback-like lengths in
 # rows of 1536 (4 reaches ~94%, 1 ~90%), while pairs move at most a few batches from their place in the order.
@@ -120,3 +126,71 @@ class TokenBudgetBatches(BatchRebalanceSampler):
         order += order[: len(self) * self.processes - count]  # every process the same number of batches
         for index in order[self.rank :: self.processes]:
             yield self.batches[index]
+
+
+class PackedTraining:
+    """Trainer overrides for packed runs, mixed in before TRL's DPOTrainer (a no-op where the collator does not pack).
+
+    - `_get_train_sampler`: the planned batches (`TokenBudgetBatches`).
+    - `_run_epoch`: sets the sampler's epoch itself. transformers reaches a batch sampler's `set_epoch` at most
+      two wrappers deep; a multi-process run resumed mid-epoch nests it three deep (skip_first_batches around
+      accelerate's shard wrapper), and the rest of the epoch would follow epoch 0's order.
+    - `_get_num_items_in_batch` and `step_loss`: with batches of unequal pair counts, the mean of each micro-batch's
+      mean would weigh a pair in a short batch (long pairs) more than one in a full batch; instead each micro-batch
+      contributes its pairs' sum over the step's pair count, gathered over processes.
+    - `gather_pairs`: per-pair metrics from processes whose batches hold different numbers of pairs.
+    """
+
+    # Every micro-batch's loss is divided by the accumulation steps by the Trainer (`step_loss` relies on it).
+    loss_is_scaled_for_ga = False
+    token_batches: TokenBudgetBatches | None = None
+
+    @property
+    def packs(self) -> bool:
+        return isinstance(self.data_collator, PrefixSharedCollator) and self.data_collator.row_tokens is not None
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if not self.packs:
+            return super()._get_train_sampler(train_dataset)
+        args, collator = self.args, self.data_collator
+        self.token_batches = TokenBudgetBatches(
+            row_lengths(train_dataset if train_dataset is not None else self.train_dataset, collator.max_length),
+            rows=args.per_device_train_batch_size,
+            budget=collator.row_tokens,
+            shuffle=args.train_sampling_strategy != "sequential",
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+            processes=args.world_size,
+            rank=args.process_index,
+        )
+        return self.token_batches
+
+    def _run_epoch(self, *args: Any, epoch: int, **kwargs: Any) -> Any:
+        if self.token_batches is not None:
+            self.token_batches.set_epoch(epoch)
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: Any) -> Any:
+        if not self.packs:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        count = torch.tensor([sum(batch["prompt_lengths"].numel() for batch in batch_samples)], device=device)
+        return self.accelerator.gather(count).sum() if self.accelerator.num_processes > 1 else count.sum()
+
+    def step_loss(self, losses: Tensor, num_items_in_batch: Any) -> Tensor:
+        """This micro-batch's loss: the mean of `losses`, or in a packed training step its pairs' share of the mean
+        over all the step's pairs. The Trainer divides by the accumulation steps and DDP/DeepSpeed average over
+        processes, so both are multiplied back in."""
+        if num_items_in_batch is None or not self.packs:
+            return losses.mean()
+        scale = self.current_gradient_accumulation_steps * self.accelerator.num_processes
+        return losses.sum() * scale / num_items_in_batch
+
+    def gather_pairs(self, value: Tensor, mode: str) -> Tensor:
+        """A (n,) tensor from every process. gather_for_metrics needs one size everywhere (and drops the pairs an
+        evaluation sampler repeated); packed training batches hold as many pairs as fit, so their values are padded
+        to the largest count, gathered, and cut back. The batches the last round deals out again so that every
+        process takes as many (`TokenBudgetBatches`) are counted again, as they are trained on again."""
+        if mode == "eval" or self.accelerator.num_processes == 1 or not self.packs:
+            return self.accelerator.gather_for_metrics(value)
+        counts = self.accelerator.gather(torch.tensor([value.numel()], device=value.device)).tolist()
+        padded = self.accelerator.gather(self.accelerator.pad_across_processes(value, dim=0))
+        return torch.cat([row[:n] for row, n in zip(padded.view(len(counts), -1), counts, strict=True)])

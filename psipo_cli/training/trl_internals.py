@@ -238,7 +238,7 @@ HOOKS: tuple[Hook, ...] = (
         "transformers.Trainer._get_dataloader",
         "BatchRebalanceSampler",
         "names",
-        "training/token_budget.py, training/preference.py",
+        "training/token_budget.py",
         "packed runs return a BatchRebalanceSampler subclass from _get_train_sampler: the Trainer then passes it as "
         "the batch sampler and keeps accelerate from sharding it a second time",
         "the Trainer takes a custom batch sampler only through this type check; overriding get_train_dataloader "
@@ -248,17 +248,34 @@ HOOKS: tuple[Hook, ...] = (
         "transformers.Trainer._get_train_sampler",
         "train_dataset",
         "parameters",
-        "training/preference.py",
+        "training/token_budget.py",
         "overridden to plan packed batches by tokens",
         "the Trainer's sampler choice has no public hook",
     ),
     Hook(
         "transformers.Trainer._run_epoch",
-        "set_epoch",
+        "epoch",
+        "parameters",
+        "training/token_budget.py",
+        "overridden to set the packed batches' epoch, however deep the resumed loader wraps the sampler",
+        "the Trainer reaches a batch sampler's set_epoch only two wrappers deep, and has no epoch hook before it "
+        "iterates (on_epoch_begin has no epoch number)",
+    ),
+    Hook(
+        "transformers.Trainer._get_num_items_in_batch",
+        "batch_samples, device",
+        "parameters",
+        "training/token_budget.py",
+        "overridden to count a packed step's pairs over its micro-batches and processes, passed to compute_loss",
+        "the only place the Trainer sees all of a step's micro-batches before the first backward",
+    ),
+    Hook(
+        "transformers.Trainer._run_epoch",
+        "current_gradient_accumulation_steps",
         "names",
         "training/token_budget.py",
-        "a new seeded batch order each epoch",
-        "the Trainer reaches a rank-aware batch sampler's set_epoch only here",
+        "a packed micro-batch's loss is multiplied by the step's micro-batch count, which the Trainer divides by",
+        "the Trainer keeps the count of a step's micro-batches (fewer at an epoch's end) only in this attribute",
     ),
     *RLOO_HOOKS,  # the sampling stages' (rlhf, online_psipo), in their own table
 )
