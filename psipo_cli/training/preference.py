@@ -168,10 +168,13 @@ class PsipoTrainer(PackedTraining, DPOTrainer):
             # batch's mean includes the pairs the sampler repeated to even it out. TRL's log puts this per-pair
             # mean in its place. The train loss stays the Trainer's (averaged over steps and accumulation).
             values["loss"] = losses.detach()
+        # One gather (and one device sync) for all per-pair metrics: a (pairs, metrics) table.
+        table = self.gather_pairs(torch.stack([value.float() for value in values.values()], dim=1), mode)
+        for key, column in zip(values, table.T.tolist(), strict=True):
+            self._metrics[mode][key].extend(column)
         if router_aux_loss is not None:
-            values["router_aux_loss"] = router_aux_loss.detach().reshape(1)
-        for key, value in values.items():
-            self._metrics[mode][key].extend(self.gather_pairs(value, mode).float().tolist())
+            aux = self.gather_pairs(router_aux_loss.detach().float().reshape(1), mode)
+            self._metrics[mode]["router_aux_loss"].extend(aux.tolist())
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(self.forward_step.count_tokens(inputs).reshape(1))
             self._tokens_since_log += int(tokens.sum().item())

@@ -47,8 +47,9 @@ def row_length(prompt: int, chosen: int, rejected: int, max_length: int | None) 
 
 def row_lengths(dataset: Any, max_length: int | None) -> list[int]:
     """Every pair's `row_length`, read from the tokenised dataset's Arrow columns (no Python lists of token ids)."""
-    table = dataset.with_format("arrow")[:]
-    counts = [pc.list_value_length(table[key]).to_pylist() for key in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    keys = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    table = dataset.select_columns(keys).with_format("arrow")[:]  # rows as the sampler indexes them, ids only
+    counts = [pc.list_value_length(table[key]).to_pylist() for key in keys]
     return [row_length(*pair, max_length) for pair in zip(*counts, strict=True)]
 
 
@@ -106,8 +107,9 @@ class TokenBudgetBatches(BatchRebalanceSampler):
         processes: int = 1,
         rank: int = 0,
     ) -> None:
-        order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed)).tolist() if shuffle else None
-        self.batches = plan_batches(sizes, order if order is not None else range(len(sizes)), rows, budget)
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(sizes), generator=generator).tolist() if shuffle else range(len(sizes))
+        self.batches = plan_batches(sizes, order, rows, budget)
         self.shuffle, self.seed, self.processes, self.rank = shuffle, seed, processes, rank
         self.epoch = 0
 
@@ -185,12 +187,13 @@ class PackedTraining:
         return losses.sum() * scale / num_items_in_batch
 
     def gather_pairs(self, value: Tensor, mode: str) -> Tensor:
-        """A (n,) tensor from every process. gather_for_metrics needs one size everywhere (and drops the pairs an
-        evaluation sampler repeated); packed training batches hold as many pairs as fit, so their values are padded
-        to the largest count, gathered, and cut back. The batches the last round deals out again so that every
+        """A (pairs, ...) tensor from every process. gather_for_metrics needs one size everywhere (and drops the
+        pairs an evaluation sampler repeated); packed training batches hold as many pairs as fit, so their values are
+        padded to the largest count, gathered, and cut back. The batches the last round deals out again so that every
         process takes as many (`TokenBudgetBatches`) are counted again, as they are trained on again."""
         if mode == "eval" or self.accelerator.num_processes == 1 or not self.packs:
             return self.accelerator.gather_for_metrics(value)
-        counts = self.accelerator.gather(torch.tensor([value.numel()], device=value.device)).tolist()
+        counts = self.accelerator.gather(torch.tensor([value.size(0)], device=value.device)).tolist()
         padded = self.accelerator.gather(self.accelerator.pad_across_processes(value, dim=0))
-        return torch.cat([row[:n] for row, n in zip(padded.view(len(counts), -1), counts, strict=True)])
+        per_process = padded.view(len(counts), -1, *value.shape[1:])
+        return torch.cat([rows[:n] for rows, n in zip(per_process, counts, strict=True)])
